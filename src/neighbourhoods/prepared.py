@@ -1,0 +1,69 @@
+"""Prepared training data: the uint8 arrays ingest writes and training reads.
+
+    WS/prepared/<H>x<W>/images.npy     uint8 N x H x W x 3 (RGB), np.load(mmap_mode="r")
+    WS/prepared/<H>x<W>/photo_ids.npy  int64 N, catalog id of each row, ascending
+    WS/labels.json                     {"names": [label, ...], "counts": {label: n}}
+
+Rows cover every kept photo (status 'kept'); which rows train is decided later, from the
+catalog's split and selected columns, so `select` never has to rewrite the arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import catalog
+from .errors import NeighbourhoodsError
+from .workspace import Workspace, res_name
+
+
+@dataclass
+class PreparedSplit:
+    images: np.ndarray       # memory-mapped N_all x H x W x 3 uint8: index it with `rows`
+    rows: np.ndarray         # int64: rows of `images` in this split
+    labels: np.ndarray       # int64 per row: index into label_names, -1 where the photo has no label
+    photo_ids: np.ndarray    # int64 per row: catalog id
+    label_names: list[str]   # the workspace's label vocabulary (labels.json order)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_label_names(ws: Workspace) -> list[str]:
+    if not ws.labels_path.is_file():
+        raise NeighbourhoodsError(f"{ws.labels_path} is missing: run `neighbourhoods ingest` first")
+    return list(json.loads(ws.labels_path.read_text())["names"])
+
+
+def load_split(ws: Workspace, res: tuple[int, int], split: str | None = "train",
+               selected_only: bool = True) -> PreparedSplit:
+    """Rows of the prepared arrays at `res` in `split` ('train', 'holdout', or None for all)."""
+    folder = ws.prepared_dir(res)
+    if not (folder / "images.npy").is_file():
+        have = sorted(p.name for p in (ws.root / "prepared").glob("*x*")) if (ws.root / "prepared").is_dir() else []
+        raise NeighbourhoodsError(
+            f"no prepared data at {res_name(res)} in {ws.root} (have: {', '.join(have) or 'none'}); "
+            f"run `neighbourhoods ingest ... --res {res_name(res)}`")
+    images = np.load(folder / "images.npy", mmap_mode="r")
+    all_ids = np.load(folder / "photo_ids.npy")
+    names = load_label_names(ws)
+    index = {name: i for i, name in enumerate(names)}
+    query = "SELECT id, label FROM photos WHERE status = 'kept'"
+    args: list = []
+    if split is not None:
+        query += " AND split = ?"
+        args.append(split)
+    if selected_only:
+        query += " AND selected = 1"
+    con = catalog.connect(ws.catalog_path)
+    try:
+        wanted = {row["id"]: index.get(row["label"], -1) for row in con.execute(query, args)}
+    finally:
+        con.close()
+    rows = np.array([i for i, pid in enumerate(all_ids) if int(pid) in wanted], dtype=np.int64)
+    photo_ids = all_ids[rows].astype(np.int64)
+    labels = np.array([wanted[int(pid)] for pid in photo_ids], dtype=np.int64)
+    return PreparedSplit(images, rows, labels, photo_ids, names)
