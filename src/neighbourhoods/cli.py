@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import NeighbourhoodsError
@@ -55,12 +56,293 @@ def _run_ingest(args) -> None:
         print(summary.describe())
 
 
+# --- cluster / select -----------------------------------------------------------------------
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("cluster", help="group kept photos by image features; contact sheets and a suggestion per cluster")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder (from `ingest`)")
+    p.add_argument("-k", type=int, default=4, help="number of clusters (default 4)")
+    p.add_argument("--res", type=int, default=224, help="embedding resolution, multiple of 32 "
+                   "(default 224; 128 takes about half the CPU time and found the same exteriors on the houses data)")
+    p.add_argument("--extractor", default="efficientnet_lite0", help="feature network (default efficientnet_lite0)")
+    p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--batch-size", type=int, default=64, help="photos per embedding batch")
+    p.add_argument("--workers", type=int, default=0, help="JPEG-decoding processes beside the main one (default 0)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_cluster)
+
+
+def _run_cluster(args) -> None:
+    from .cluster import ClusterConfig, cluster
+
+    config = ClusterConfig(k=args.k, res=args.res, extractor=args.extractor, seed=args.seed,
+                           batch_size=args.batch_size, workers=args.workers)
+    summary = cluster(args.workspace, config, progress=not args.json)
+    if args.json:
+        _print_json(summary.to_json())
+    else:
+        print(summary.describe())
+
+
+def _add_select(sub) -> None:
+    p = sub.add_parser("select", help="choose the clusters that train (by number, or --auto exteriors)")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder (from `cluster`)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--clusters", help="comma-separated cluster numbers, e.g. 0,2")
+    how.add_argument("--auto", choices=["exteriors", "interiors", "documents", "other"],
+                     help="the clusters `cluster` suggested as this kind")
+    p.add_argument("--list", action="store_true", help="print the selected photos' paths, one a line")
+    p.set_defaults(func=_run_select)
+
+
+def _run_select(args) -> None:
+    from .cluster import select, selected_paths
+
+    if args.clusters is None and args.auto is None and not args.list:
+        raise NeighbourhoodsError("give --clusters (e.g. 0,2), --auto exteriors, or --list")
+    if args.clusters is not None or args.auto is not None:
+        try:
+            clusters = [int(c) for c in args.clusters.split(",") if c.strip()] if args.clusters is not None else None
+        except ValueError:
+            raise NeighbourhoodsError(f"--clusters takes comma-separated numbers, e.g. 0,2; not {args.clusters!r}") from None
+        summary = select(args.workspace, clusters=clusters, auto=args.auto)
+        print(summary.describe(), file=sys.stderr if args.list else sys.stdout)
+    if args.list:
+        try:
+            sys.stdout.write("".join(path + "\n" for path in selected_paths(args.workspace)))
+            sys.stdout.flush()
+        except BrokenPipeError:  # `select --list | head`: the reader has all it wants
+            import os
+
+            sys.stdout = open(os.devnull, "w")
+
+
+# --- demo -----------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on toy town (no arguments) or on your photos")
+    p.add_argument("--workspace", "-w", default="neighbourhoods-demo", help="workspace folder (default ./neighbourhoods-demo)")
+    p.add_argument("--data", help="folder of photos to use instead of the built-in toy town")
+    p.add_argument("--labels", help="labels for --data: CSV table or dataset.json (default: sub-folder names)")
+    p.add_argument("--file-column", default="file", help="CSV column with the photo's file name/relative path")
+    p.add_argument("--label-column", default="city", help="CSV column with the label")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from .demo import demo
+
+    if args.labels and not args.data:
+        raise NeighbourhoodsError("--labels needs --data (the built-in toy town has its own labels)")
+    summary = demo(args.workspace, data=args.data, labels=args.labels, file_column=args.file_column,
+                   label_column=args.label_column, workers=args.workers, progress=not args.json)
+    if args.json:
+        _print_json(summary.to_json())
+    else:
+        print(summary.describe())
+
+
+# --- generate -------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="write thumbnails of never-existing houses per city")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
+    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, or an exported .pt2")
+    p.add_argument("--city", action="append", default=[], help="city (repeatable), as the run names it")
+    p.add_argument("--all-cities", action="store_true", help="a folder per city the run knows")
+    p.add_argument("-n", type=int, default=16, help="thumbnails per city (seeds SEED .. SEED+n-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; the same (city, seed) gives the same image")
+    p.add_argument("--size", default="256x192", help="thumbnail size WxH (width x height), at most 1024 a side")
+    p.add_argument("--format", default="jpg", help="jpg, png or webp")
+    p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
+    p.add_argument("--no-novelty-guard", action="store_true", help="keep samples even if they nearly copy a training photo")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> None:
+    from .generate import GenerateConfig, describe, generate, parse_size
+
+    cfg = GenerateConfig(n=args.n, seed=args.seed, size=parse_size(args.size), fmt=args.format,
+                         upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
+                         all_cities=args.all_cities)
+    manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
+    if args.json:
+        _print_json(manifest)
+    else:
+        print(describe(manifest, args.out))
+
+
+# --- serve ----------------------------------------------------------------------------------
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve thumbnails over HTTP (gallery at /)")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
+    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, or an exported .pt2")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
+    p.add_argument("--no-novelty-guard", action="store_true", help="serve samples even if they nearly copy a training photo")
+    p.add_argument("--max-batch", type=int, default=32, help="most samples per generator call")
+    p.add_argument("--max-wait-ms", type=float, default=4.0, help="how long a request waits to be batched")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="LRU cache of rendered thumbnails, MiB")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the generator (encoding runs beside it)")
+    p.add_argument("--max-side", type=int, default=1024, help="largest thumbnail side served, px")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> None:
+    from .serve import ServeConfig, serve
+
+    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
+                      torch_threads=args.threads, max_side=args.max_side)
+    serve(args.workspace, args.run, host=args.host, port=args.port, config=cfg, upscale=args.upscale,
+          novelty=not args.no_novelty_guard)
+
+
+# --- export ---------------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export the EMA generator (torch.export .pt2) for serving without the training code")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
+    p.add_argument("--run", required=True, help="run name under WS/runs or a run folder")
+    p.add_argument("--out", required=True, help="output file (.pt2); metadata goes beside it")
+    p.add_argument("--bench", action="store_true", help="also measure CPU latency per thumbnail at batch 1 and 64")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> None:
+    from .export import export
+
+    result = export(args.workspace, args.run, args.out, bench=args.bench)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"exported to {result['path']} ({result['bytes'] / 2**20:.1f} MiB); "
+              f"max |exported - original| = {result['max_abs_diff']:.2e}")
+        for b in result.get("latency", []):
+            print(f"  {b['threads']} thread(s), batch {b['batch']:>3}: {b['ms_per_image']:.2f} ms per image "
+                  f"({b['ms_per_batch']:.1f} ms per batch) + {b['postprocess_ms_per_image']:.1f} ms upscale+encode "
+                  f"(load average {b['load_average_1min']:.1f})")
+
+
+# --- upscale --------------------------------------------------------------------------------
+def _add_upscale(sub) -> None:
+    p = sub.add_parser("upscale", help="train the super-resolution upscaler on real photos")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder (weights go to WS/upscale/)")
+    p.add_argument("--train", required=True, metavar="PHOTOS", help="folder of real photos (originals, not thumbnails)")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_upscale)
+
+
+def _run_upscale(args) -> None:
+    from .upscale import SRConfig, train_sr
+
+    meta = train_sr(args.workspace, args.train, SRConfig(steps=args.steps), progress=not args.json)
+    if args.json:
+        _print_json(meta)
+    else:
+        print(f"trained the x2 upscaler on {meta['n_photos']} photos (L1 {meta['final_l1']:.4f}); "
+              f"weights in {args.workspace}/upscale/")
+
+
+# --- train ----------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    # Defaults live in TrainConfig alone: an option left out is not passed on.
+    p = sub.add_parser("train", help="train a city-conditioned generator on the prepared photos")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder (after ingest)")
+    p.add_argument("--res", type=parse_res, metavar="HxW", help="training resolution (default 64x64; 4:3 e.g. 48x64, 96x128)")
+    p.add_argument("--model", help="projected (the default) or dcgan (the baseline)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--kimg", type=float, help="train until this many thousand images were shown in total (default 500)")
+    stop.add_argument("--minutes", type=float, help="train for this many minutes (wall clock) in this call")
+    p.add_argument("--batch", type=int, help="images per step over all processes (default: the model's, else 64)")
+    p.add_argument("--run", "--name", dest="run",
+                   help="run name under WS/runs (default <model>-<HxW>); under torchrun spell it --name")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    p.add_argument("--device", help="cpu (default) or cuda; under torchrun each process takes cuda:LOCAL_RANK")
+    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision on CUDA (default bf16)")
+    p.add_argument("--seed", type=int, help="seeds weights, data order, noise, augmentation (default 0)")
+    p.add_argument("--lr-g", type=float, help="G learning rate (default: the model's)")
+    p.add_argument("--lr-d", type=float, help="D learning rate (default: the model's)")
+    p.add_argument("--augment", help='DiffAugment policy, e.g. "color,translation,cutout"; "" for none (default: the model\'s)')
+    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="random left-right flips of the photos")
+    p.add_argument("--ema-kimg", type=float, help="half-life of G's moving average in thousands of images (default: the model's)")
+    p.add_argument("--min-city-photos", type=int, help='cities with fewer training photos share one "(any city)" class (default 50)')
+    p.add_argument("--snapshot-every", type=int, help="images between checkpoints (default 20000)")
+    p.add_argument("--sample-every", type=int, help="images between sample grids (default 10000)")
+    p.add_argument("--kid-every", type=int, help="images between KID estimates (default 0 = off)")
+    p.add_argument("--workers", type=int, dest="num_workers", help="threads reading batches (default 1)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
+    p.add_argument("--model-kwargs", type=json.loads, metavar="JSON", help='model builder arguments, e.g. \'{"ngf": 32}\'')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> None:
+    from .train import TrainConfig, train
+
+    names = ("res", "model", "kimg", "minutes", "batch", "run", "device", "amp", "seed", "lr_g", "lr_d", "augment",
+             "mirror", "ema_kimg", "min_city_photos", "snapshot_every", "sample_every", "kid_every", "num_workers",
+             "threads", "model_kwargs")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.minutes is not None:
+        given["kimg"] = None   # the time budget alone decides
+    run_dir = train(args.workspace, TrainConfig(**given, resume=args.resume, progress=not args.quiet))
+    if os.environ.get("RANK", "0") == "0":   # one line, not one per torchrun process
+        print(run_dir)
+
+
+# --- evaluate / report -----------------------------------------------------------------------
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID, KID, precision/recall and novelty of a run against held-out photos")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
+    p.add_argument("--run", required=True, help="run name under WS/runs, or a run folder")
+    p.add_argument("--n", type=int, default=2000, help="generated samples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--min-city-holdout", type=int, default=25, help="per-city KID for cities with at least this many held-out photos")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    from .evaluate import EvaluateConfig, describe, evaluate
+
+    config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device)
+    result = evaluate(args.workspace, args.run, config, progress=not args.json)
+    if args.json:
+        _print_json(result)
+    else:
+        print(describe(result))
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page: data, curves, samples, metrics, novelty")
+    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
+    p.add_argument("--run", required=True, help="run name under WS/runs, or a run folder")
+    p.add_argument("--out", help="HTML file to write (default WS/runs/RUN/report.html)")
+    p.add_argument("--seeds", type=int, default=8, help="samples per city in the city grid")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> None:
+    from .report import write_report
+
+    print(write_report(args.workspace, args.run, out=args.out, seeds=args.seeds))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neighbourhoods",
         description="Listing photos in, a city-conditioned generator of never-existing house photos out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ingest(sub)
+    _add_cluster(sub); _add_select(sub)
+    _add_train(sub)
+    _add_evaluate(sub); _add_report(sub)
+    _add_demo(sub)
+    _add_generate(sub); _add_serve(sub); _add_export(sub); _add_upscale(sub)
     return parser
 
 

@@ -49,6 +49,10 @@ def load_split(ws: Workspace, res: tuple[int, int], split: str | None = "train",
             f"run `neighbourhoods ingest ... --res {res_name(res)}`")
     images = np.load(folder / "images.npy", mmap_mode="r")
     all_ids = np.load(folder / "photo_ids.npy")
+    if len(all_ids) != len(images):
+        # ingest writes the two files one after the other; a kill in between leaves them apart
+        raise NeighbourhoodsError(f"prepared data in {folder} is incomplete (interrupted ingest?): "
+                                  "rerun `neighbourhoods ingest` to finish it")
     names = load_label_names(ws)
     index = {name: i for i, name in enumerate(names)}
     query = "SELECT id, label FROM photos WHERE status = 'kept'"
