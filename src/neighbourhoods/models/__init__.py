@@ -1,0 +1,68 @@
+"""Model registry: every model is a (G, D) pair built from (num_classes, res, **kwargs).
+
+    build(model_name, num_classes, res, **kwargs) -> (G, D)
+    LOSSES[model_name]  -> "bce" or "hinge"
+    recipe(model_name)  -> the model's training defaults (lr, betas, EMA, augmentation, ...)
+
+Contract (see also notes in runs.py): G is an nn.Module with attribute `z_dim` and
+forward(z: N x z_dim, labels: N long) -> N x 3 x H x W in [-1, 1]; D has
+forward(images in [-1, 1], labels) -> logits with leading dimension N. Parameters of D with
+requires_grad=False (a frozen feature network) are never trained.
+
+A model module may define, beside `build`:
+    LOSS = "hinge"                      the adversarial loss it is designed for
+    AUGMENT_POLICY = "color,..."        DiffAugment applied to real and fake images before D
+    TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
+    build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from torch import nn
+
+from ..errors import NeighbourhoodsError
+
+MODELS = ("projected", "dcgan")   # registered names; the first is the default
+
+LOSSES = {
+    "projected": "hinge",
+    "dcgan": "bce",
+}
+
+
+def _module(model_name: str) -> ModuleType:
+    if model_name not in MODELS:
+        raise NeighbourhoodsError(f"unknown model {model_name!r}; known: {', '.join(MODELS)}")
+    try:
+        return importlib.import_module(f".{model_name}", __name__)
+    except ImportError as e:
+        raise NeighbourhoodsError(f"model {model_name!r} is not available: {e}") from e
+
+
+def build(model_name: str, num_classes: int, res: tuple[int, int], **kwargs) -> tuple[nn.Module, nn.Module]:
+    """The model's (G, D) for `num_classes` conditioning classes at res = (H, W)."""
+    module = _module(model_name)
+    try:
+        return module.build(num_classes, tuple(res), **kwargs)
+    except (ValueError, TypeError) as e:   # bad resolution or unknown kwarg: the user's to fix
+        raise NeighbourhoodsError(f"model {model_name!r} at {res[0]}x{res[1]}: {e}") from e
+
+
+def build_generator(model_name: str, num_classes: int, res: tuple[int, int], **kwargs) -> nn.Module:
+    """G alone (skips D's feature network where the model allows it)."""
+    module = _module(model_name)
+    if hasattr(module, "build_generator"):
+        return module.build_generator(num_classes, tuple(res), **kwargs)
+    return build(model_name, num_classes, res, **kwargs)[0]
+
+
+def recipe(model_name: str) -> dict:
+    """Training defaults the model was designed with: loss, augmentation, and TRAIN_DEFAULTS."""
+    module = _module(model_name)
+    out = {"loss": getattr(module, "LOSS", LOSSES.get(model_name, "hinge")),
+           "augment": getattr(module, "AUGMENT_POLICY", "")}
+    out.update(getattr(module, "TRAIN_DEFAULTS", {}))
+    return out

@@ -1,0 +1,294 @@
+"""The default model: a city-conditioned Projected GAN sized for a CPU.
+
+Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional and small:
+
+- Generator: FastGAN-style (Liu et al., ICLR 2021). Nearest-upsample + conv + BN + GLU blocks
+  from a 3x4 or 4x4 base, noise injection, and skip-layer excitation (SLE: a low-resolution
+  block gates the channels of a block two octaves up, a cheap global-structure path). The
+  city enters through a class embedding concatenated to z AND through class-conditional
+  BatchNorm gains/biases in every block (as in BigGAN), so each city shapes every scale.
+- Discriminator: frozen ImageNet EfficientNet-Lite0 features at four scales (1/4 ... 1/32 of
+  the input), mixed by fixed random 1x1 convs across channels (CCM) and by fixed random
+  upsample-and-add fusion across scales (CSM), each scale judged by its own small trainable
+  head (spectral-norm convs, patch logits). Conditioning by projection (Miyato & Koyama
+  2018): each head's logit is a plain linear term plus <embed(city), features>.
+  The feature net sees the image at its native resolution (64x64 costs 12x less than the
+  224x224 the net was trained at); `feature_res` > 1 upsamples first, at that price.
+- Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
+  octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
+
+Contract with train.py (models/__init__.py registers this as "projected", the default):
+    build(num_classes, res, **kwargs) -> (G, D)
+    LOSSES["projected"] = "hinge"
+    AUGMENT_POLICY below: the DiffAugment policy to apply to BOTH real and fake images
+      before D (neighbourhoods.augment.diffaugment(x, AUGMENT_POLICY)).
+    TRAIN_DEFAULTS: the recipe (lr, betas, EMA, mirror, batch). train.TrainConfig.batch does
+      not read the recipe yet (its default is 64); bench/quality.py passes the recipe's 32.
+    G has BatchNorm: sample with G_ema.eval(); the EMA should copy (or average) G's buffers
+      (BN running stats) along with its parameters, as StyleGAN2-ADA's loop does.
+    D.feature_net is frozen and stays in eval mode whatever D.train(mode) is called with;
+      D.trainable_parameters() lists what the D optimizer should update (frozen ones have
+      requires_grad False, so filtering D.parameters() on requires_grad is equivalent).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import spectral_norm
+
+from ..features import load_efficientnet_lite0
+
+AUGMENT_POLICY = "color,translation,cutout"   # DiffAugment on real and fake images before D
+LOSS = "hinge"
+TRAIN_DEFAULTS = {
+    "lr_g": 2e-4,            # Projected GAN's setting for both nets
+    "lr_d": 2e-4,
+    "betas": (0.0, 0.99),    # beta1 0: no momentum, the usual choice for hinge/projected GANs
+    "ema_kimg": 10.0,        # with train's ema_rampup 0.05 the EMA is short early, long later
+    "mirror": True,          # house fronts read the same mirrored: twice the data for free
+    "any_city_p": 0.0,       # untested beyond a smoke run; the (any city) class gets the small cities only
+    "batch": 32,             # at CPU budgets (~10-30k images) twice the updates of 64 matter more than smoother gradients
+}
+
+# EfficientNet-Lite0 block indices (0-based, flat over its 16 MBConv blocks) after which the
+# four feature scales are tapped: 24 ch at 1/4, 40 ch at 1/8, 112 ch at 1/16, 320 ch at 1/32,
+# the same taps Projected GAN uses.
+_TAPS = (2, 4, 10, 15)
+_TAP_CHANNELS = (24, 40, 112, 320)
+
+
+def _up_levels(res: tuple[int, int]) -> int:
+    """How many 2x upsamplings from a base of >= 3 px a side reach `res` exactly."""
+    h, w = res
+    n = 0
+    while h % 2 ** (n + 1) == 0 and w % 2 ** (n + 1) == 0 and min(h, w) // 2 ** (n + 1) >= 3:
+        n += 1
+    if n < 2:
+        raise ValueError(f"resolution {h}x{w} must be a multiple of 4 on both sides and at least 12 px, "
+                         "e.g. 64x64, 48x64, 96x128")
+    return n
+
+
+# --- generator ------------------------------------------------------------------------------
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm whose gain and bias are linear in the class embedding (BigGAN)."""
+
+    def __init__(self, channels: int, embed_dim: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Linear(embed_dim, channels)
+        self.bias = nn.Linear(embed_dim, channels)
+        for lin in (self.gain, self.bias):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.bn(x) * (1 + self.gain(e))[:, :, None, None] + self.bias(e)[:, :, None, None]
+
+
+class NoiseInjection(nn.Module):
+    """Per-pixel noise with a learned strength (starts at 0): stochastic detail, like FastGAN.
+
+    Fresh noise while training; in eval mode a fixed map (StyleGAN's noise_mode='const'), so a
+    sample depends only on (z, city) and the weights, never on the RNG or the batch.
+    """
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.register_buffer("const", torch.randn(1, 1, *size, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x + self.weight * self.const
+        n, _, h, w = x.shape
+        return x + self.weight * torch.randn(n, 1, h, w, dtype=x.dtype, device=x.device)
+
+
+class UpBlock(nn.Module):
+    """2x nearest upsample, then `convs` x (conv3x3 -> noise -> cond. BN -> GLU)."""
+
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, convs: int, size: tuple[int, int]):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.noises = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        for i in range(convs):
+            self.convs.append(nn.Conv2d(c_in if i == 0 else c_out, 2 * c_out, 3, padding=1, bias=False))
+            self.noises.append(NoiseInjection(size))
+            self.norms.append(ConditionalBatchNorm(2 * c_out, embed_dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        for conv, noise, norm in zip(self.convs, self.noises, self.norms):
+            x = F.glu(norm(noise(conv(x)), e), dim=1)
+        return x
+
+
+class SkipLayerExcitation(nn.Module):
+    """FastGAN's SLE: channel gates for a high-res map computed from a low-res one."""
+
+    def __init__(self, c_low: int, c_high: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.AdaptiveAvgPool2d(4), nn.Conv2d(c_low, c_high, 4, bias=False), nn.SiLU(),
+            nn.Conv2d(c_high, c_high, 1, bias=False), nn.Sigmoid())
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return high * self.net(low)
+
+
+class Generator(nn.Module):
+    """(z, city) -> N x 3 x H x W image in [-1, 1]."""
+
+    def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
+                 max_channels: int = 256, min_channels: int = 16):
+        super().__init__()
+        self.z_dim = z_dim
+        self.num_classes = num_classes
+        self.res = tuple(res)
+        levels = _up_levels(res)
+        self.base = (res[0] // 2 ** levels, res[1] // 2 ** levels)
+        # Channels halve per octave from the output up: cheap high-res layers, wide low-res ones.
+        ch = [min(max_channels, min_channels * 2 ** (levels - i)) for i in range(levels + 1)]
+        self.channels = ch
+        self.embed = nn.Embedding(num_classes, embed_dim)
+        self.fc = nn.Linear(z_dim + embed_dim, 2 * ch[0] * self.base[0] * self.base[1], bias=False)
+        self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim)
+        # Two convs per block at low resolution (cheap there), one at the top two octaves.
+        self.blocks = nn.ModuleList(
+            UpBlock(ch[i], ch[i + 1], embed_dim, convs=2 if i + 1 < levels - 1 else 1,
+                    size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)))
+            for i in range(levels))
+        # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
+        self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2]) for i in range(1, levels - 1)})
+        self.to_rgb = nn.Conv2d(ch[-1], 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        e = self.embed(labels)
+        x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), -1, *self.base)
+        x = F.glu(self.fc_norm(x, e), dim=1)
+        feats = [x]
+        for i, block in enumerate(self.blocks):
+            x = block(x, e)
+            level = str(i + 1)
+            if level in self.sle:
+                x = self.sle[level](x, feats[i - 1])
+            feats.append(x)
+        return torch.tanh(self.to_rgb(x))
+
+
+# --- discriminator --------------------------------------------------------------------------
+class FrozenFeatures(nn.Module):
+    """EfficientNet-Lite0 + fixed random cross-channel (CCM) and cross-scale (CSM) mixing.
+
+    Nothing here trains (Projected GAN: random projections work better fixed). Stays in eval
+    mode, so its BatchNorms never update their ImageNet statistics.
+    """
+
+    def __init__(self, mix_channels: tuple[int, ...] = (64, 128, 256, 512), seed: int = 0):
+        super().__init__()
+        net = load_efficientnet_lite0()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
+        self.blocks = net._blocks[: _TAPS[-1] + 1]
+        self.out_channels = tuple(mix_channels)
+        # Fixed random mixing, drawn from its own generator so every D starts identical for a seed.
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.ccm = nn.ModuleList(nn.Conv2d(c, m, 1) for c, m in zip(_TAP_CHANNELS, mix_channels))
+        # CSM: deeper scale, upsampled and projected to the shallower scale's width, is added in.
+        self.csm = nn.ModuleList(nn.Conv2d(mix_channels[i + 1], mix_channels[i], 3, padding=1)
+                                 for i in range(len(mix_channels) - 1))
+        torch.random.set_rng_state(rng_state)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenFeatures":
+        return super().train(False)  # frozen: ImageNet BN statistics must never move
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x in [-1, 1] (EfficientNet-Lite's own input range) -> four mixed feature maps."""
+        x = self.stem(x)
+        taps = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in _TAPS:
+                taps.append(x)
+        mixed = [ccm(t) for ccm, t in zip(self.ccm, taps)]
+        out = [None] * len(mixed)
+        out[-1] = mixed[-1]
+        for i in range(len(mixed) - 2, -1, -1):
+            up = F.interpolate(out[i + 1], size=mixed[i].shape[-2:], mode="bilinear", align_corners=False)
+            out[i] = mixed[i] + self.csm[i](up)
+        return out
+
+
+class ProjectionHead(nn.Module):
+    """One scale's discriminator: strided SN convs down to <= 4 px, then patch logits with a
+    class-projection term."""
+
+    def __init__(self, c_in: int, spatial: tuple[int, int], num_classes: int, width: int = 128,
+                 cmap_dim: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, (h, w) = c_in, spatial
+        while min(h, w) > 4:
+            c_next = min(width * 2, max(width, c))
+            layers += [spectral_norm(nn.Conv2d(c, c_next, 4, stride=2, padding=1, bias=False)),
+                       nn.BatchNorm2d(c_next), nn.LeakyReLU(0.2)]
+            c, h, w = c_next, (h + 1) // 2, (w + 1) // 2
+        layers += [spectral_norm(nn.Conv2d(c, width, 3, padding=1)), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.out = spectral_norm(nn.Conv2d(width, 1, 1))
+        self.cmap = spectral_norm(nn.Conv2d(width, cmap_dim, 1))
+        self.embed = nn.Embedding(num_classes, cmap_dim)
+        self.cmap_dim = cmap_dim
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        proj = (self.cmap(h) * self.embed(labels)[:, :, None, None]).sum(dim=1, keepdim=True)
+        return (self.out(h) + proj / math.sqrt(self.cmap_dim)).flatten(1)
+
+
+class ProjectedDiscriminator(nn.Module):
+    """(images in [-1, 1], city) -> N x P patch logits from all four scales."""
+
+    def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0):
+        super().__init__()
+        self.res = tuple(res)
+        self.feature_res = feature_res  # scale of the image fed to the feature net (1.0: native)
+        self.feature_net = FrozenFeatures()
+        with torch.no_grad():
+            probe = self.feature_net(torch.zeros(1, 3, *self._feature_size()))
+        self.heads = nn.ModuleList(
+            ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width) for f in probe)
+
+    def _feature_size(self) -> tuple[int, int]:
+        return (round(self.res[0] * self.feature_res), round(self.res[1] * self.feature_res))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.feature_res != 1.0:
+            images = F.interpolate(images, size=self._feature_size(), mode="bilinear", align_corners=False)
+        feats = self.feature_net(images)
+        return torch.cat([head(f, labels) for head, f in zip(self.heads, feats)], dim=1)
+
+
+def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
+          g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0) -> tuple[Generator, ProjectedDiscriminator]:
+    """The default model's (G, D) for `num_classes` cities at `res` = (H, W)."""
+    G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels)
+    D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res)
+    return G, D
+
+
+def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
+                    g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0) -> Generator:
+    """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
+    return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels)

@@ -1,0 +1,168 @@
+"""The default model (models/projected.py) and DiffAugment (augment.py), as specifications."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from neighbourhoods.augment import diffaugment, parse_policy
+from neighbourhoods.models import projected
+
+
+@pytest.fixture(scope="module")
+def square():
+    torch.manual_seed(0)
+    return projected.build(num_classes=3, res=(64, 64))
+
+
+@pytest.fixture(scope="module")
+def four_by_three():
+    torch.manual_seed(0)
+    return projected.build(num_classes=3, res=(48, 64))
+
+
+def _inputs(G, n=4, labels=None):
+    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor(labels if labels is not None else [0, 1, 2, 0][:n])
+    return z, y
+
+
+@pytest.mark.parametrize("model", ["square", "four_by_three"])
+def test_generator_makes_images_of_the_requested_shape_in_range(model, request):
+    G, _ = request.getfixturevalue(model)
+    z, y = _inputs(G)
+    x = G.eval()(z, y)
+    assert x.shape == (4, 3, *G.res)
+    assert x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("model", ["square", "four_by_three"])
+def test_discriminator_gives_logits_with_leading_batch_dim(model, request):
+    G, D = request.getfixturevalue(model)
+    z, y = _inputs(G)
+    logits = D(G(z, y), y)
+    assert logits.shape[0] == 4 and logits.ndim == 2 and torch.isfinite(logits).all()
+
+
+def test_resolutions_used_by_the_project_all_build():
+    for res in [(64, 64), (48, 64), (96, 128), (192, 256)]:
+        G = projected.Generator(2, res)
+        assert G(torch.randn(2, G.z_dim), torch.tensor([0, 1])).shape == (2, 3, *res)
+
+
+def test_resolution_that_cannot_be_reached_by_upsampling_is_refused():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        projected.Generator(2, (50, 66))
+
+
+def test_city_changes_the_generated_image():
+    torch.manual_seed(0)
+    G = projected.Generator(num_classes=3, res=(48, 64)).eval()
+    z = torch.randn(1, G.z_dim).repeat(2, 1)
+    out = G(z, torch.tensor([0, 1]))
+    # Same noise, different city: the city embedding (joined to z) must change the picture.
+    assert not torch.allclose(out[0], out[1], atol=1e-6)
+
+
+def test_eval_samples_depend_only_on_noise_and_city_not_on_the_batch():
+    torch.manual_seed(0)
+    G = projected.Generator(num_classes=3, res=(48, 64))
+    with torch.no_grad():
+        for m in G.modules():
+            if isinstance(m, projected.NoiseInjection):
+                m.weight.fill_(0.5)  # trained generators inject noise; eval must still be deterministic
+    G.eval()
+    z = torch.randn(3, G.z_dim)
+    y = torch.tensor([0, 1, 2])
+    alone = G(z[1:2], y[1:2])
+    torch.manual_seed(123)
+    together = G(z, y)
+    assert torch.allclose(alone[0], together[1], atol=1e-5)
+
+
+def test_city_changes_the_discriminator_logits(square):
+    G, D = square
+    x = torch.rand(1, 3, 64, 64).repeat(2, 1, 1, 1) * 2 - 1
+    with torch.no_grad():
+        for head in D.heads:
+            head.embed.weight.normal_()
+    D.eval()
+    logits = D(x, torch.tensor([0, 1]))
+    assert not torch.allclose(logits[0], logits[1])
+
+
+def test_generator_gets_gradients_through_the_frozen_discriminator(square):
+    G, D = square
+    G.train()
+    D.train()
+    G.zero_grad()
+    z, y = _inputs(G)
+    (-D(diffaugment(G(z, y), projected.AUGMENT_POLICY), y).mean()).backward()
+    missing = [n for n, p in G.named_parameters() if p.grad is None]
+    # NoiseInjection weights start at 0 but still get a gradient; every G parameter must learn.
+    assert missing == []
+    assert all(p.grad is None for p in D.feature_net.parameters())
+
+
+def test_discriminator_step_updates_heads_but_never_the_feature_net(square):
+    G, D = square
+    D.train()
+    feature_state = {k: v.clone() for k, v in D.feature_net.state_dict().items()}
+    opt = torch.optim.Adam(D.trainable_parameters(), lr=1e-3)
+    head_before = D.heads[0].out.weight_orig.clone()  # spectral-norm'd conv's raw weight
+    z, y = _inputs(G)
+    real = torch.rand(4, 3, 64, 64) * 2 - 1
+    for _ in range(2):
+        loss = torch.relu(1 - D(real, y)).mean() + torch.relu(1 + D(G(z, y).detach(), y)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(head_before, D.heads[0].out.weight_orig)
+    for k, v in D.feature_net.state_dict().items():
+        assert torch.equal(v, feature_state[k]), f"frozen feature net changed: {k}"
+    assert not D.feature_net.training
+    assert all(not p.requires_grad for p in D.feature_net.parameters())
+    assert set(map(id, D.trainable_parameters())).isdisjoint(map(id, D.feature_net.parameters()))
+
+
+def test_frozen_mixing_is_the_same_for_every_discriminator():
+    a = projected.FrozenFeatures()
+    b = projected.FrozenFeatures()
+    assert torch.equal(a.ccm[0].weight, b.ccm[0].weight)
+
+
+def test_diffaugment_keeps_shape_and_is_differentiable():
+    x = torch.rand(4, 3, 48, 64, requires_grad=True)
+    y = diffaugment(x, "color,translation,cutout")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_diffaugment_changes_images_and_empty_policy_does_not():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(diffaugment(x, ""), x)
+    for policy in ["color", "translation", "cutout"]:
+        assert not torch.equal(diffaugment(x, policy), x), policy
+
+
+def test_cutout_zeroes_a_quarter_of_each_image():
+    x = torch.ones(8, 3, 32, 32)
+    y = diffaugment(x, "cutout")
+    zero_fraction = (y == 0).float().mean(dim=(1, 2, 3))
+    assert torch.all(zero_fraction > 0.05) and torch.all(zero_fraction <= 0.25 + 1e-6)
+
+
+def test_diffaugment_is_reproducible_from_the_torch_seed():
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(3)
+    a = diffaugment(x, projected.AUGMENT_POLICY)
+    torch.manual_seed(3)
+    b = diffaugment(x, projected.AUGMENT_POLICY)
+    assert torch.equal(a, b)
+
+
+def test_unknown_augment_op_is_named_in_the_error():
+    with pytest.raises(ValueError, match="rotate"):
+        parse_policy("color,rotate")

@@ -1,0 +1,483 @@
+"""Training: run folders, both models, exact resume, crash safety, 4:3, and the run API.
+
+Everything trains tiny networks for a few steps on toy town, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from neighbourhoods import runs, train as train_mod
+from neighbourhoods.cli import main
+from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.train import TrainConfig, class_map, ema_beta, train
+from neighbourhoods.workspace import open_workspace
+
+TINY = {
+    "dcgan": {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
+    "projected": {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8},
+}
+
+
+def make_toy_workspace(root: Path, res=((32, 32), (48, 64))) -> Path:
+    """Toy town (3 cities x 12 photos + 'Tinyville' with 3) ingested at `res`; no holdout."""
+    from neighbourhoods.ingest import ingest
+    from neighbourhoods.toytown import draw_toytown
+
+    photos, labels = draw_toytown(root / "toytown", cities=("Pinecrest", "Sunvale", "Harborview"), per_city=12)
+    extra, extra_labels = draw_toytown(root / "tiny", cities=("Tinyville",), per_city=3, seed=1)
+    for f in extra.iterdir():
+        shutil.copy(f, photos / f"tiny-{f.name}")
+    with open(labels, "a") as out:
+        for line in extra_labels.read_text().splitlines()[1:]:
+            out.write(f"tiny-{line}\n")
+    ws = root / "ws"
+    ingest(photos, ws, labels=labels, res=list(res), holdout_min=1000, workers=1, progress=False)
+    return ws
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny nets gain nothing from a second thread, and on a shared machine its spin-waits cost 20x
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy_ws(tmp_path_factory) -> Path:
+    return make_toy_workspace(tmp_path_factory.mktemp("toy"))
+
+
+def tiny(model="dcgan", **overrides) -> TrainConfig:
+    """A config for a few steps: batch 8, checkpoints every 2 steps, quiet."""
+    cfg = TrainConfig(model=model, res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY[model],
+                      snapshot_every=16, sample_every=16, tick_every=8, grid_rows=4, grid_seeds=3,
+                      bn_stat_images=16, num_workers=1, progress=False)
+    return replace(cfg, **overrides)
+
+
+def weights(run_dir: Path, net="G") -> dict[str, torch.Tensor]:
+    folder, _ = runs.latest_checkpoint(run_dir)
+    return load_file(str(folder / f"{net}.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- the run folder --------------------------------------------------------------------------------
+def test_run_folder_follows_the_interface(toy_ws):
+    run = train(toy_ws, tiny(run="layout"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "dcgan" and config["res"] == [32, 32] and config["z_dim"] == 16
+    assert config["class_names"] == ["Harborview", "Pinecrest", "Sunvale", "(any city)"]
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest == {"dir": "0000000032", "images_seen": 32}
+    assert sorted(p.name for p in (run / "checkpoints" / "0000000032").iterdir()) == sorted(runs.CHECKPOINT_FILES)
+    state = torch.load(run / "checkpoints" / "0000000032" / "state.pt", weights_only=True)
+    assert state["images_seen"] == 32 and {"opt_g", "opt_d", "rng", "sampler", "augment", "ema"} <= state.keys()
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "progress-0000000000.png", "progress-0000000016.png", "progress-0000000032.png"]
+    lines = metrics(run)
+    assert [m["images_seen"] for m in lines] == [8, 16, 24, 32]
+    assert {"images_seen", "time_s", "loss_g", "loss_d", "images_per_s"} <= lines[0].keys()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+
+
+def test_sample_grid_has_a_row_per_city_and_a_column_per_seed(toy_ws):
+    from PIL import Image
+
+    run = train(toy_ws, tiny(run="grid", kimg=0.008))
+    grid = Image.open(run / "samples" / "progress-0000000008.png")
+    assert grid.height == 4 * (32 + 2)                   # 4 classes, 2 px gaps
+    assert grid.width > 3 * (32 + 2)                     # 3 seeds plus the name margin
+
+
+def test_first_grid_is_the_same_seeds_every_run(toy_ws):
+    a = train(toy_ws, tiny(run="seeds-a", kimg=0.008))
+    b = train(toy_ws, tiny(run="seeds-b", kimg=0.008))
+    assert (a / "samples" / "progress-0000000008.png").read_bytes() == (b / "samples" / "progress-0000000008.png").read_bytes()
+
+
+# --- both models learn -----------------------------------------------------------------------------
+@pytest.mark.parametrize("model, res", [("dcgan", (32, 32)), ("projected", (48, 64))])
+def test_model_trains_and_its_loss_moves(toy_ws, model, res):
+    run = train(toy_ws, tiny(model, run=f"moves-{model}", res=res))
+    lines = metrics(run)
+    losses_d = [m["loss_d"] for m in lines]
+    losses_g = [m["loss_g"] for m in lines]
+    assert all(math.isfinite(x) for x in losses_d + losses_g)
+    assert max(losses_d) - min(losses_d) > 1e-3 and max(losses_g) - min(losses_g) > 1e-3
+    first = load_file(str(run / "checkpoints" / "0000000000" / "G.safetensors"))
+    final = weights(run)
+    assert all(not torch.equal(first[k], final[k]) for k in final if k.endswith("weight"))
+    gen = runs.load_generator(run)                       # and what it saved samples at its resolution
+    assert runs.sample(gen, [0, 1], [0, 1]).shape == (2, *res, 3)
+
+
+def test_a_time_budget_stops_training_and_saves(toy_ws):
+    run = train(toy_ws, tiny(run="budget", kimg=None, minutes=0.002))
+    folder, images_seen = runs.latest_checkpoint(run)
+    assert images_seen > 0 and images_seen % 8 == 0
+    assert (run / "samples" / f"progress-{images_seen:010d}.png").is_file()
+
+
+def test_default_model_is_projected():
+    assert TrainConfig().model == "projected"
+
+
+# --- exact resume ----------------------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands in for kill -9: nothing after it runs, no cleanup saves anything."""
+
+
+def resume_config(model="dcgan", **overrides) -> TrainConfig:
+    # augmentation, flips and a short EMA exercise every piece of state that resume restores
+    return tiny(model, augment="color,translation,cutout", mirror=True, ema_kimg=0.01, **overrides)
+
+
+@pytest.mark.parametrize("model", ["dcgan", "projected"])
+def test_resume_after_stop_matches_an_uninterrupted_run(toy_ws, model):
+    whole = train(toy_ws, resume_config(model, run=f"whole-{model}", kimg=0.032))
+    part = train(toy_ws, resume_config(model, run=f"part-{model}", kimg=0.016))
+    part = train(toy_ws, resume_config(model, run=f"part-{model}", kimg=0.032, resume=True))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(toy_ws, monkeypatch):
+    whole = train(toy_ws, resume_config(run="whole-k", kimg=0.040))
+    steps = {"n": 0}
+    real_update = train_mod.update_ema
+
+    def dying_update(*args):
+        real_update(*args)
+        steps["n"] += 1
+        if steps["n"] == 3:          # after the 3rd step: the last checkpoint is at 16 images
+            raise Killed
+
+    monkeypatch.setattr(train_mod, "update_ema", dying_update)
+    with pytest.raises(Killed):
+        train(toy_ws, resume_config(run="killed", kimg=0.040))
+    monkeypatch.undo()
+    run = toy_ws / "runs" / "killed"
+    assert runs.latest_checkpoint(run)[1] == 16
+    train(toy_ws, resume_config(run="killed", kimg=0.040, resume=True))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(run, net))
+    assert [m["images_seen"] for m in metrics(run)] == [8, 16, 24, 32, 40]   # the lost steps' lines are not doubled
+
+
+def test_kill_during_checkpoint_write_keeps_the_last_good_one(toy_ws, monkeypatch):
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def torn_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:          # the checkpoint at 16 images: write half a file, then die
+            Path(path).write_bytes(b"PK\x03\x04 torn")
+            raise Killed
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.torch, "save", torn_save)
+    with pytest.raises(Killed):
+        train(toy_ws, tiny(run="torn"))
+    monkeypatch.undo()
+    run = toy_ws / "runs" / "torn"
+    folder, images_seen = runs.latest_checkpoint(run)
+    assert images_seen == 0
+    runs.load_generator(run)         # the last good checkpoint still loads
+    train(toy_ws, tiny(run="torn", resume=True))
+    assert runs.latest_checkpoint(run)[1] == 32
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+KILL_SCRIPT = """
+import os, sys, time, torch
+import safetensors.torch as st
+from neighbourhoods import train as t
+torch.set_num_threads(1)
+real_save = st.save_file
+def slow_save(tensors, path, *a, **k):
+    real_save(tensors, path, *a, **k)
+    if "0000000016" in path:            # mid-checkpoint at 16 images: tell the test, then wait to be killed
+        open(sys.argv[2], "w").close()
+        time.sleep(60)
+st.save_file = slow_save
+t.train(sys.argv[1], t.TrainConfig(**eval(sys.argv[3])))
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_a_resumable_run(toy_ws, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready"
+    cfg = dict(model="dcgan", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY["dcgan"],
+               snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=16, run="kill9", progress=False)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(toy_ws), str(ready), repr(cfg)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "training never reached the checkpoint"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run = toy_ws / "runs" / "kill9"
+    assert list((run / "checkpoints").glob(".tmp-0000000016-*"))      # it died with a half-written folder
+    assert runs.latest_checkpoint(run)[1] == 0                          # yet the last good one is intact
+    runs.load_generator(run)
+    train(toy_ws, TrainConfig(**cfg, resume=True))
+    assert runs.latest_checkpoint(run)[1] == 32
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+# --- broken checkpoints give clear errors ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(toy_ws) -> Path:
+    return train(toy_ws, tiny(run="finished", kimg=0.016))
+
+
+def _copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ws" / "runs" / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ck: (ck / "G_ema.safetensors").write_bytes(b"\x00" * 10), "G_ema.safetensors is corrupt"),
+    (lambda ck: (ck / "G_ema.safetensors").unlink(), "missing G_ema.safetensors"),
+    (lambda ck: (ck.parent / "latest.json").write_text("{not json"), "latest.json is corrupt"),
+    (lambda ck: (ck.parent / "latest.json").unlink(), "latest.json is missing"),
+])
+def test_damaged_checkpoint_fails_to_load_with_a_clear_error(finished_run, tmp_path, damage, message):
+    run = _copy_run(finished_run, tmp_path)
+    damage(run / "checkpoints" / "0000000016")
+    with pytest.raises(NeighbourhoodsError, match=message):
+        runs.load_generator(run)
+
+
+@pytest.mark.parametrize("file", ["state.pt", "D.safetensors"])
+def test_resume_from_a_torn_checkpoint_fails_with_a_clear_error(toy_ws, finished_run, file):
+    run = toy_ws / "runs" / f"torn-{file}"
+    shutil.copytree(finished_run, run)
+    path = run / "checkpoints" / "0000000016" / file
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(NeighbourhoodsError, match=f"{file} is corrupt"):
+        train(toy_ws, tiny(run=run.name, resume=True))
+
+
+def test_starting_an_existing_run_without_resume_is_refused(toy_ws, finished_run):
+    with pytest.raises(NeighbourhoodsError, match="already exists.*--resume"):
+        train(toy_ws, tiny(run="finished"))
+
+
+def test_resuming_a_run_that_does_not_exist_is_refused(toy_ws):
+    with pytest.raises(NeighbourhoodsError, match="nothing to resume"):
+        train(toy_ws, tiny(run="never-started", resume=True))
+
+
+# --- non-finite losses -----------------------------------------------------------------------------
+def test_non_finite_loss_rolls_back_to_the_last_checkpoint(toy_ws, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_loss = train_mod.d_loss
+
+    def flaky_loss(*args):
+        calls["n"] += 1
+        loss = real_loss(*args)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "d_loss", flaky_loss)
+    run = train(toy_ws, tiny(run="nan-once", progress=True))
+    out = capsys.readouterr().out
+    assert "non-finite loss" in out and "rolled back to the checkpoint at 16 images" in out
+    assert runs.latest_checkpoint(run)[1] == 32
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+    state = torch.load(runs.latest_checkpoint(run)[0] / "state.pt", weights_only=True)
+    assert state["rollbacks"] == 1
+
+
+def test_repeated_non_finite_losses_stop_with_an_error(toy_ws, monkeypatch):
+    monkeypatch.setattr(train_mod, "d_loss", lambda *args: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(NeighbourhoodsError, match="non-finite loss.*giving up"):
+        train(toy_ws, tiny(run="nan-always", max_rollbacks=2))
+
+
+# --- devices ---------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(toy_ws):
+    with pytest.raises(NeighbourhoodsError, match="no CUDA GPU"):
+        train(toy_ws, tiny(run="cuda", device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_trains_on_a_gpu_with_mixed_precision(toy_ws, amp):
+    run = train(toy_ws, tiny("projected", run=f"cuda-{amp}", device="cuda", amp=amp, res=(48, 64)))
+    assert all(math.isfinite(m["loss_d"]) and math.isfinite(m["loss_g"]) for m in metrics(run))
+    gen = runs.load_generator(run, device="cuda")
+    assert runs.sample(gen, [0], [0]).shape == (1, 48, 64, 3)
+
+
+# --- 4:3 and the run API ---------------------------------------------------------------------------
+def test_four_by_three_trains_and_samples_end_to_end(toy_ws):
+    run = train(toy_ws, tiny(run="wide", res=(48, 64), kimg=0.016))
+    gen = runs.load_generator(run)
+    assert gen.res == (48, 64) and gen.images_seen == 16
+    images = runs.sample(gen, [gen.class_index("Sunvale")] * 2, [1, 2])
+    assert images.shape == (2, 48, 64, 3) and images.dtype == np.uint8
+    from PIL import Image
+    assert Image.open(run / "samples" / "progress-0000000016.png").height == 4 * (48 + 2)
+
+
+def test_sample_depends_only_on_class_and_seed(finished_run):
+    gen = runs.load_generator(finished_run)
+    together = runs.sample(gen, [0, 1, 2, 3], [10, 11, 12, 13], batch_size=4)
+    alone = np.concatenate([runs.sample(gen, [c], [s]) for c, s in zip([0, 1, 2, 3], [10, 11, 12, 13])])
+    assert np.abs(together.astype(int) - alone.astype(int)).max() <= 1   # float reassociation at most
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_unknown_city_names_close_matches(finished_run):
+    gen = runs.load_generator(finished_run)
+    assert gen.class_index("sunvale") == gen.class_names.index("Sunvale")
+    with pytest.raises(NeighbourhoodsError, match="close matches: Sunvale"):
+        gen.class_index("Sunvalle")
+
+
+def test_resolve_run_names_the_runs_there_are(toy_ws, finished_run):
+    ws = open_workspace(toy_ws)
+    assert runs.resolve_run(ws, "finished") == finished_run.resolve()
+    assert runs.resolve_run(ws, str(finished_run)) == finished_run.resolve()
+    with pytest.raises(NeighbourhoodsError, match="no training run 'nope'.*finished"):
+        runs.resolve_run(ws, "nope")
+
+
+# --- pieces ----------------------------------------------------------------------------------------
+def test_small_cities_share_the_any_city_class():
+    names = ["Big", "Small", "Mid", "Empty"]
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 5 + [-1])
+    class_names, classes, merged = class_map(names, labels, min_city_photos=5)
+    assert class_names == ["Big", "Mid", "(any city)"]
+    assert merged == ["Small"]
+    assert classes.tolist() == [0] * 10 + [2] * 2 + [1] * 5 + [2]
+
+
+def test_every_city_large_enough_means_no_any_city_class():
+    class_names, classes, _ = class_map(["A", "B"], np.array([0, 0, 1, 1]), min_city_photos=2)
+    assert class_names == ["A", "B"] and classes.tolist() == [0, 0, 1, 1]
+
+
+def test_ema_half_life_ramps_up_with_images_seen():
+    cfg = TrainConfig(batch=64, ema_kimg=10.0, ema_rampup=0.05)
+    # at 20k images the half-life is 1k images (5%), not 10k: the EMA forgets the random init
+    assert ema_beta(cfg, 20_000) == pytest.approx(0.5 ** (64 / 1000))
+    assert ema_beta(cfg, 10_000_000) == pytest.approx(0.5 ** (64 / 10_000))
+    assert ema_beta(replace(cfg, ema_kimg=0.0), 20_000) == 0.0
+
+
+def test_standing_statistics_make_eval_samples_match_batch_statistics():
+    from neighbourhoods.models.dcgan import Generator
+
+    torch.manual_seed(0)
+    G = Generator(3, (32, 32), z_dim=16, embed_dim=4, ngf=8)
+    with torch.no_grad():   # a few "training" batches from another distribution leave G's running stats stale
+        for _ in range(3):
+            G(torch.randn(64, 16) * 3 + 1, torch.zeros(64, dtype=torch.long))
+    z, labels = torch.randn(512, 16), torch.randint(0, 3, (512,))
+    with torch.no_grad():
+        batch_stats = G.train()(z, labels)
+        stale = G.eval()(z, labels)
+    rng = torch.get_rng_state()
+    train_mod.standing_bn_stats(G, np.ones(3) / 3, images=512, batch=64, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng)                  # the run's RNG stream is untouched
+    with torch.no_grad():
+        standing = G(z, labels)
+    assert not G.training
+    assert (standing - batch_stats).abs().mean() < 0.5 * (stale - batch_stats).abs().mean()
+
+
+def test_data_order_is_a_function_of_images_seen():
+    images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+    reader = train_mod.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
+                                   rank=0, world=1, workers=0)
+    epoch = torch.cat([reader.get(p, 5)[0] for p in (0, 5)])
+    assert len({bytes(x.numpy()) for x in epoch}) == 10                     # every photo once per epoch
+    assert torch.equal(reader.get(5, 5)[0], epoch[5:])                      # same position, same batch
+    halves = [train_mod.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
+                                    rank=r, world=2, workers=0).get(0, 4)[0] for r in (0, 1)]
+    assert torch.equal(torch.stack([halves[0][0], halves[1][0], halves[0][1], halves[1][1]]), epoch[:4])
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def test_cli_trains_and_resumes(toy_ws, capsys):
+    args = ["train", "--workspace", str(toy_ws), "--res", "32x32", "--model", "dcgan", "--kimg", "0.008",
+            "--batch", "8", "--run", "cli", "--min-city-photos", "5", "--model-kwargs", json.dumps(TINY["dcgan"])]
+    assert main(args) == 0
+    assert main(args[:-2] + ["--kimg", "0.016", "--resume"] + args[-2:]) == 0
+    assert runs.latest_checkpoint(toy_ws / "runs" / "cli")[1] == 16
+
+
+def test_cli_reports_user_errors_in_one_line(toy_ws, capsys):
+    assert main(["train", "--workspace", str(toy_ws), "--res", "40x40", "--model", "dcgan", "--kimg", "0.008"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no prepared data at 40x40") and err.count("\n") == 1
+
+
+def test_any_city_share_relabels_a_fixed_fraction_of_photos():
+    images = np.zeros((1000, 2, 2, 3), dtype=np.uint8)
+    reader = train_mod.BatchReader(images, np.arange(1000), np.zeros(1000, dtype=np.int64), seed=0, mirror=False,
+                                   rank=0, world=1, workers=0, any_class=7, any_p=0.25)
+    labels = reader.get(0, 1000)[1]
+    assert set(labels.tolist()) == {0, 7}
+    assert 200 < int((labels == 7).sum()) < 300
+    assert torch.equal(labels, reader.get(0, 1000)[1])      # the same photos every time at this position
+
+
+# --- real photos -----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_trains_on_real_listing_photos_at_four_by_three(shared_data, tmp_path):
+    """70 socal exteriors from each of 3 cities (linked, not copied) -> ingest at 48x64 -> a few dcgan steps -> samples."""
+    import csv
+    import os
+
+    from neighbourhoods.ingest import ingest
+
+    rows = list(csv.DictReader(open(shared_data / "socal" / "listings.csv")))
+    top = {"San Diego, CA", "Lancaster, CA", "Palmdale, CA"}
+    picked = [r for city in sorted(top) for r in [r for r in rows if r["city"] == city][:70]]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for r in picked:
+        os.symlink(shared_data / "socal" / "images" / r["file"], photos / r["file"])
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["file", "city"]] + [[r["file"], r["city"]] for r in picked])
+    ws = tmp_path / "ws"
+    ingest(photos, ws, labels=labels, res=[(48, 64)], workers=1, progress=False)
+    run = train(ws, tiny(run="real", res=(48, 64), min_city_photos=20))
+    gen = runs.load_generator(run)
+    assert set(gen.class_names) >= top
+    images = runs.sample(gen, [gen.class_index("San Diego, CA")] * 3, [0, 1, 2])
+    assert images.shape == (3, 48, 64, 3) and images.std() > 0
