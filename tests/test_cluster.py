@@ -23,6 +23,7 @@ from neighbourhoods.errors import NeighbourhoodsError
 from neighbourhoods.features import (efficientnet_features, efficientnet_input, imagenet_probs_from_pooled,
                                      load_efficientnet_lite0)
 from neighbourhoods.ingest import ingest
+from neighbourhoods.prepared import load_split
 from neighbourhoods.toytown import draw_toytown
 from neighbourhoods.workspace import open_workspace
 
@@ -187,6 +188,17 @@ def test_select_refuses_photos_ingested_after_clustering(tmp_path):
     ingest(photos, ws, labels=labels, progress=False, workers=1)
     with pytest.raises(NeighbourhoodsError, match="run `neighbourhoods cluster` again"):
         select(ws, auto="exteriors")
+
+
+def test_training_data_refuses_photos_ingested_after_select(tmp_path):
+    photos, labels, ws = _toy_workspace(tmp_path, per_city=4)
+    cluster(ws, ClusterConfig(k=2, res=RES), progress=False)
+    select(ws, clusters=[0])
+    assert len(load_split(open_workspace(ws), (64, 64), split=None)) > 0
+    Image.new("RGB", (128, 96), (10, 200, 30)).save(photos / "new.jpg")
+    ingest(photos, ws, labels=labels, progress=False, workers=1)
+    with pytest.raises(NeighbourhoodsError, match="ingested after the last `select`"):
+        load_split(open_workspace(ws), (64, 64), split=None)
 
 
 def test_select_before_cluster_says_what_to_run(tmp_path):

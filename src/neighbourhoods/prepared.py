@@ -64,6 +64,8 @@ def load_split(ws: Workspace, res: tuple[int, int], split: str | None = "train",
         query += " AND selected = 1"
     con = catalog.connect(ws.catalog_path)
     try:
+        if selected_only:
+            _refuse_stale_selection(con)
         wanted = {row["id"]: index.get(row["label"], -1) for row in con.execute(query, args)}
     finally:
         con.close()
@@ -71,3 +73,17 @@ def load_split(ws: Workspace, res: tuple[int, int], split: str | None = "train",
     photo_ids = all_ids[rows].astype(np.int64)
     labels = np.array([wanted[int(pid)] for pid in photo_ids], dtype=np.int64)
     return PreparedSplit(images, rows, labels, photo_ids, names)
+
+
+def _refuse_stale_selection(con) -> None:
+    """Photos ingested after `select` default to selected=1: training on them would silently mix
+    interiors or floorplans back in, so refuse until cluster/select have seen them."""
+    chosen = con.execute("SELECT value FROM meta WHERE key = 'selected_clusters'").fetchone()
+    if chosen is None:
+        return  # no selection made: every kept photo trains
+    unclustered = con.execute(
+        "SELECT COUNT(*) FROM photos WHERE status = 'kept' AND cluster IS NULL").fetchone()[0]
+    if unclustered:
+        raise NeighbourhoodsError(
+            f"{unclustered} kept photos were ingested after the last `select`: run `neighbourhoods cluster` "
+            f"and `neighbourhoods select` again so they are sorted before training")
