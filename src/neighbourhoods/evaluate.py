@@ -1,0 +1,308 @@
+"""`neighbourhoods evaluate`: how real do a run's samples look, and are they new?
+
+Against the held-out split (photos the run never trained on), in the standard FID Inception
+space (inception.py for the weights and the preprocessing protocol):
+
+- FID, and KID as mean and std over random subsets (metrics.py);
+- precision and recall (Kynkaanniemi et al., k=3), in the same Inception space;
+- per-city KID for cities with enough held-out photos;
+- the real-vs-real floor: the same metrics between a sample of the training photos and the
+  held-out photos, i.e. what a perfect generator would score at this N;
+- novelty (novelty.py): each sample's nearest training photo by cosine similarity in the
+  Inception and the EfficientNet-Lite0 spaces, and the memorisation rate in each.
+
+Generated samples are spread over cities in the held-out split's proportions (a city the run
+has no class of is drawn from its "(any city)" class), so real and generated sets describe
+the same mix of cities; sample i uses seed `seed + i`, so an evaluation is reproducible.
+
+Results go to WS/runs/<run>/eval/<images_seen:010d>/metrics.json, with novelty.npz beside it
+(the most memorised-looking samples and their nearest photos, for the report).
+
+`quick_kid` / `training_kid` are the cheap KID for training curves (TrainConfig.kid_every).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import metrics, runs
+from .errors import NeighbourhoodsError
+from .eval_features import FeatureSpace, SPACES, load_space, split_features
+from .novelty import NoveltyIndex, memorisation_rate
+from .prepared import load_label_names, load_split
+from .workspace import Workspace, atomic_path, atomic_write_json, open_workspace, res_name
+
+
+@dataclass
+class EvaluateConfig:
+    n: int = 2000                 # generated samples (the real side is every held-out photo)
+    seed: int = 0                 # sample i uses seed + i
+    kid_subsets: int = 100        # KID: random subsets averaged (their std is reported)
+    kid_subset_size: int = 1000   # KID: rows drawn per subset, capped by the smaller set
+    pr_k: int = 3                 # precision/recall: k-th nearest neighbour radius
+    min_city_holdout: int = 25    # per-city KID only for cities with at least this many held-out photos
+    percentile: float = 99.0      # memorisation threshold: percentile of held-out photos' nearest-train similarity
+    figure_pairs: int = 24        # most train-like samples kept (with their nearest photos) for the report
+    batch_size: int = 32          # images per feature-network batch
+    device: str = "cpu"           # "cpu" or "cuda[:N]" for the generator and the feature networks
+
+
+# --- which cities to sample ---------------------------------------------------------------------
+def class_of_label(label_names: list[str], class_names: list[str]) -> np.ndarray:
+    """For each workspace label (and -1 = no label, at the end): the run's class, or -1 if none."""
+    any_city = class_names.index(runs.ANY_CITY) if runs.ANY_CITY in class_names else -1
+    out = [class_names.index(name) if name in class_names else any_city for name in label_names]
+    out.append(any_city if any_city >= 0 else (0 if len(class_names) == 1 else -1))
+    return np.array(out, dtype=np.int64)
+
+
+def allocate(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split n over classes in proportion to `counts` (largest remainder, deterministic)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() <= 0:
+        raise NeighbourhoodsError("no held-out photos of any city the run was trained on")
+    exact = counts / counts.sum() * n
+    out = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - out), kind="stable")[: n - out.sum()]:
+        out[i] += 1
+    return out
+
+
+def sample_images(gen: runs.LoadedGenerator, classes: np.ndarray, seeds: np.ndarray, batch_size: int = 64,
+                  progress: bool = True) -> np.ndarray:
+    out = np.empty((len(classes), gen.res[0], gen.res[1], 3), dtype=np.uint8)
+    for start in tqdm(range(0, len(classes), 256), desc="sampling", unit="chunk", disable=not progress):
+        stop = start + 256
+        out[start:stop] = runs.sample(gen, classes[start:stop].tolist(), seeds[start:stop].tolist(), batch_size)
+    return out
+
+
+def _kid_dict(real: np.ndarray, gen: np.ndarray, cfg: EvaluateConfig) -> dict:
+    mean, std = metrics.kid(real, gen, subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size, seed=cfg.seed)
+    return {"mean": mean, "std": std, "subset_size": int(min(cfg.kid_subset_size, len(real), len(gen)))}
+
+
+# --- the evaluation -----------------------------------------------------------------------------
+def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate the run's latest generator; writes and returns the metrics (see module doc)."""
+    cfg = config or EvaluateConfig()
+    if cfg.n < max(cfg.pr_k + 1, 2):
+        raise NeighbourhoodsError(f"--n {cfg.n} is too small: need at least {max(cfg.pr_k + 1, 2)} samples")
+    ws = workspace if isinstance(workspace, Workspace) else open_workspace(workspace)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    run_dir = runs.resolve_run(ws, run)
+    gen = runs.load_generator(run_dir, device=cfg.device)
+    res = tuple(gen.res)
+
+    holdout_count = len(load_split(ws, res, "holdout"))
+    if holdout_count < 2:
+        raise NeighbourhoodsError(
+            f"only {holdout_count} held-out photos at {res_name(res)}: evaluation needs photos the run never "
+            "trained on; re-run ingest with --holdout > 0 (cities need at least --holdout-min photos)")
+
+    # Real features (cached per workspace), then the generated samples.
+    spaces = {name: load_space(name, device=cfg.device, batch_size=cfg.batch_size) for name in SPACES}
+    real = {}
+    for name, space in spaces.items():
+        real[name] = {split: split_features(ws, res, split, space, progress=progress) for split in ("holdout", "train")}
+    holdout_feats, holdout_ids, holdout_labels = real["inception"]["holdout"]
+    label_names = load_label_names(ws)
+    lut = class_of_label(label_names, gen.class_names)
+    holdout_class = lut[holdout_labels]            # labels of -1 index the lut's last slot
+    usable = holdout_class >= 0
+    timings["real_features_s"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    per_class = allocate(np.bincount(holdout_class[usable], minlength=len(gen.class_names)), cfg.n)
+    gen_classes = np.repeat(np.arange(len(gen.class_names)), per_class)
+    seeds = cfg.seed + np.arange(cfg.n, dtype=np.int64)
+    images = sample_images(gen, gen_classes, seeds, progress=progress)
+    timings["sampling_s"] = time.monotonic() - t
+    t = time.monotonic()
+    gen_feats = {name: space.extract(images, progress=progress, desc=f"{name} features of samples")
+                 for name, space in spaces.items()}
+    timings["sample_features_s"] = time.monotonic() - t
+
+    # Quality, in the Inception space.
+    t = time.monotonic()
+    real_inc = holdout_feats[usable]
+    g = gen_feats["inception"]
+    precision, recall = metrics.precision_recall(real_inc, g, k=cfg.pr_k)
+    quality = {"fid": metrics.fid(real_inc, g), "kid": _kid_dict(real_inc, g, cfg),
+               "precision": precision, "recall": recall}
+    train_inc = real["inception"]["train"][0]
+    rng = np.random.default_rng(cfg.seed)
+    floor_rows = rng.choice(len(train_inc), min(cfg.n, len(train_inc)), replace=False)
+    floor = None
+    if len(floor_rows) > cfg.pr_k:
+        fp, fr = metrics.precision_recall(real_inc, train_inc[floor_rows], k=cfg.pr_k)
+        floor = {"n": int(len(floor_rows)), "fid": metrics.fid(real_inc, train_inc[floor_rows]),
+                 "kid": _kid_dict(real_inc, train_inc[floor_rows], cfg), "precision": fp, "recall": fr}
+    cities = []
+    for label, name in enumerate(label_names):
+        rows = (holdout_labels == label) & usable
+        cls = int(lut[label])
+        if rows.sum() < cfg.min_city_holdout or cls < 0 or gen.class_names[cls] != name:
+            continue
+        city_gen = g[gen_classes == cls]
+        if len(city_gen) < 2:
+            continue
+        cities.append({"city": name, "holdout": int(rows.sum()), "generated": int(len(city_gen)),
+                       "kid": _kid_dict(holdout_feats[rows], city_gen, cfg)})
+    timings["quality_s"] = time.monotonic() - t
+
+    # Novelty, in both spaces.
+    t = time.monotonic()
+    novelty, nearest = {}, {}
+    for name, space in spaces.items():
+        index = NoveltyIndex.build(ws, res, space=name, percentile=cfg.percentile, progress=progress,
+                                   device=cfg.device, extractor=space)
+        sims, ids = index.nearest_to_features(gen_feats[name])
+        nearest[name] = (sims, ids)
+        novelty[name] = {"threshold": index.threshold, "memorisation_rate": memorisation_rate(sims, index.threshold),
+                         "nearest_similarity_median": float(np.median(sims)),
+                         "nearest_similarity_max": float(sims.max()),
+                         "holdout_calibration_photos": int(len(index.holdout_photo_ids)),
+                         "excluded_near_duplicates": index.excluded_near_duplicates,
+                         "holdout_similarity": index.holdout_similarity}
+    flagged = np.zeros(cfg.n, dtype=bool)
+    for name in spaces:
+        flagged |= nearest[name][0] > novelty[name]["threshold"]
+    novelty["either_space_rate"] = float(flagged.mean())
+    timings["novelty_s"] = time.monotonic() - t
+    timings["total_s"] = time.monotonic() - t0
+
+    result = {
+        "run": run_dir.name, "run_dir": str(run_dir), "images_seen": int(gen.images_seen), "res": list(res),
+        "n_generated": int(cfg.n), "n_holdout": int(usable.sum()), "n_train": int(len(train_inc)),
+        "holdout_without_class": int((~usable).sum()),
+        "feature_protocol": {name: space.protocol for name, space in spaces.items()},
+        "config": asdict(cfg), "quality": quality, "real_vs_real_floor": floor, "per_city": cities,
+        "novelty": {k: ({kk: vv for kk, vv in v.items() if kk != "holdout_similarity"} if isinstance(v, dict) else v)
+                    for k, v in novelty.items()},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out_dir = eval_dir(run_dir, gen.images_seen)
+    _write_novelty_figure_data(out_dir / "novelty.npz", images, gen_classes, gen.class_names, nearest, novelty, cfg)
+    result["path"] = str(out_dir / "metrics.json")
+    atomic_write_json(out_dir / "metrics.json", result)
+    return result
+
+
+def eval_dir(run_dir: Path, images_seen: int) -> Path:
+    return Path(run_dir) / "eval" / f"{int(images_seen):010d}"
+
+
+def _write_novelty_figure_data(path: Path, images: np.ndarray, classes: np.ndarray, class_names: list[str],
+                               nearest: dict, novelty: dict, cfg: EvaluateConfig) -> None:
+    """The samples most similar to a training photo (by Inception similarity), for the report."""
+    order = np.argsort(-nearest["inception"][0], kind="stable")[: cfg.figure_pairs]
+    arrays = {"images": images[order], "classes": classes[order].astype(np.int64),
+              "class_names": np.array(class_names, dtype=str)}
+    for name, (sims, ids) in nearest.items():
+        arrays[f"{name}_similarity"] = sims[order].astype(np.float32)
+        arrays[f"{name}_photo_id"] = ids[order].astype(np.int64)
+        arrays[f"{name}_all_similarity"] = sims.astype(np.float32)
+        arrays[f"{name}_holdout_similarity"] = np.asarray(novelty[name]["holdout_similarity"], dtype=np.float32)
+        arrays[f"{name}_threshold"] = np.array(novelty[name]["threshold"], dtype=np.float64)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def latest_evaluation(run_dir: Path) -> dict | None:
+    """The metrics.json of the most advanced checkpoint evaluated, or None."""
+    folders = sorted(p for p in (Path(run_dir) / "eval").glob("*") if (p / "metrics.json").is_file())
+    if not folders:
+        return None
+    return json.loads((folders[-1] / "metrics.json").read_text())
+
+
+def describe(result: dict) -> str:
+    q, n = result["quality"], result["novelty"]
+    lines = [f"run {result['run']} at {result['images_seen'] / 1000:.1f} kimg, {res_name(tuple(result['res']))}: "
+             f"{result['n_generated']} samples vs {result['n_holdout']} held-out photos",
+             f"  FID {q['fid']:.2f}   KID {q['kid']['mean'] * 1000:.2f} ± {q['kid']['std'] * 1000:.2f} (x1e-3)   "
+             f"precision {q['precision']:.3f}   recall {q['recall']:.3f}"]
+    floor = result.get("real_vs_real_floor")
+    if floor:
+        lines.append(f"  real-vs-real floor ({floor['n']} training photos): FID {floor['fid']:.2f}   "
+                     f"KID {floor['kid']['mean'] * 1000:.2f} ± {floor['kid']['std'] * 1000:.2f}   "
+                     f"precision {floor['precision']:.3f}   recall {floor['recall']:.3f}")
+    for city in result["per_city"]:
+        lines.append(f"  {city['city']}: KID {city['kid']['mean'] * 1000:.2f} ± {city['kid']['std'] * 1000:.2f} "
+                     f"({city['generated']} samples, {city['holdout']} held out)")
+    for name in SPACES:
+        s = n[name]
+        lines.append(f"  memorised ({name}): {s['memorisation_rate'] * 100:.1f}% above threshold {s['threshold']:.4f} "
+                     f"(median nearest similarity {s['nearest_similarity_median']:.4f})")
+    lines.append(f"  memorised in either space: {n['either_space_rate'] * 100:.1f}%   "
+                 f"({result['timings']['total_s']:.0f} s)   -> {result['path']}")
+    return "\n".join(lines)
+
+
+# --- cheap KID during training ------------------------------------------------------------------
+def quick_kid(sample_fn: Callable[[int], np.ndarray], real_features: np.ndarray, n: int = 300,
+              extractor: FeatureSpace | None = None, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std) of `n` images from sample_fn(n) (uint8 N x H x W x 3) against real features.
+
+    A few hundred samples make a noisy but unbiased estimate: fine for a training curve, not
+    for comparing runs (use `evaluate` with 2,000 for that).
+    """
+    extractor = extractor or load_space("inception")
+    feats = extractor.extract(np.asarray(sample_fn(n)))
+    return metrics.kid(real_features, feats, subsets=subsets, subset_size=min(n, len(real_features)), seed=seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _kid_reference(ws_root: str, res: tuple[int, int], device: str) -> tuple[np.ndarray, np.ndarray, FeatureSpace] | None:
+    # Cached per process: training calls this every kid_every images, and reloading (and
+    # re-warming) the Inception network each time would cost more than the KID itself.
+    ws = Workspace(Path(ws_root))
+    feats, _, labels = split_features(ws, res, "holdout", "inception", progress=False, device=device)
+    if len(feats) < 2:
+        return None
+    return feats, labels, load_space("inception", device=device)
+
+
+def training_kid(ws: Workspace, res: tuple[int, int], G_ema: torch.nn.Module, class_names: list[str],
+                 n: int = 300, seed: int = 0) -> tuple[float, float] | None:
+    """KID (mean, std) of G_ema against the held-out photos, or None where there are none.
+
+    Samples `n` images, cities in the held-out split's proportions, fixed seeds (the same
+    every call, so the curve moves only with the weights).
+    """
+    device = str(next(G_ema.parameters()).device)
+    reference = _kid_reference(str(ws.root), tuple(res), device)
+    if reference is None:
+        return None
+    feats, labels, space = reference
+    lut = class_of_label(load_label_names(ws), class_names)
+    classes = lut[labels]
+    counts = np.bincount(classes[classes >= 0], minlength=len(class_names))
+    if counts.sum() == 0:
+        return None
+    gen_classes = np.repeat(np.arange(len(class_names)), allocate(counts, n))
+    seeds = seed + np.arange(n)
+
+    def sample_fn(count: int) -> np.ndarray:
+        was_training = G_ema.training
+        G_ema.eval()
+        try:
+            return runs.generate_images(G_ema, gen_classes[:count].tolist(), seeds[:count].tolist())
+        finally:
+            G_ema.train(was_training)
+
+    return quick_kid(sample_fn, feats[classes >= 0], n=n, extractor=space, seed=seed)

@@ -1,0 +1,194 @@
+"""`evaluate`: metrics against the held-out split, novelty and memorisation, the training KID."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from toy_run import CITIES, RES, toy_run
+
+from neighbourhoods import evaluate as ev
+from neighbourhoods import novelty
+from neighbourhoods.cli import main
+from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.eval_features import cache_path, load_space, split_features
+from neighbourhoods.prepared import load_split
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    return toy_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def evaluation(toy):
+    return ev.evaluate(toy.ws, toy.run, ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3), progress=False)
+
+
+@pytest.fixture(scope="module")
+def spaces():
+    return {name: load_space(name) for name in ("inception", "efficientnet")}
+
+
+# --- the evaluation -----------------------------------------------------------------------------
+def test_evaluation_compares_samples_with_every_held_out_photo(toy, evaluation):
+    holdout = load_split(toy.ws, RES, "holdout")
+    assert evaluation["n_holdout"] == len(holdout) > 0
+    assert evaluation["n_generated"] == 24
+    assert evaluation["n_train"] == len(load_split(toy.ws, RES, "train"))
+
+
+def test_barely_trained_generator_scores_far_worse_than_the_real_vs_real_floor(evaluation):
+    q, floor = evaluation["quality"], evaluation["real_vs_real_floor"]
+    assert q["fid"] > 2 * floor["fid"]
+    assert q["kid"]["mean"] > floor["kid"]["mean"] + 10 * (q["kid"]["std"] + floor["kid"]["std"])
+    assert q["precision"] < floor["precision"]
+
+
+def test_per_city_kid_covers_cities_with_enough_held_out_photos(toy, evaluation):
+    holdout = load_split(toy.ws, RES, "holdout")
+    counts = {name: int((holdout.labels == i).sum()) for i, name in enumerate(holdout.label_names)}
+    expected = sorted(name for name, n in counts.items() if n >= 3)
+    assert expected, "the toy run should hold out enough photos of some city"
+    assert sorted(c["city"] for c in evaluation["per_city"]) == expected
+    assert all(c["holdout"] == counts[c["city"]] for c in evaluation["per_city"])
+
+
+def test_evaluation_is_written_into_the_run_folder(toy, evaluation):
+    saved = json.loads((ev.eval_dir(toy.run_dir, evaluation["images_seen"]) / "metrics.json").read_text())
+    assert saved["quality"] == evaluation["quality"]
+    assert ev.latest_evaluation(toy.run_dir)["evaluated_at"] == evaluation["evaluated_at"]
+    with np.load(ev.eval_dir(toy.run_dir, evaluation["images_seen"]) / "novelty.npz") as f:
+        sims = f["inception_similarity"]
+        assert np.all(np.diff(sims) <= 0), "novelty figure must list the most similar first"
+        assert len(f["inception_all_similarity"]) == 24
+
+
+def test_real_features_are_cached_per_workspace(toy, evaluation):
+    for space in ("inception", "efficientnet"):
+        with np.load(cache_path(toy.ws, space, RES)) as f:
+            assert len(f["photo_ids"]) == len(load_split(toy.ws, RES, None))
+
+
+def test_samples_are_spread_over_cities_like_the_held_out_photos():
+    assert ev.allocate(np.array([10, 30, 0, 60]), 7).tolist() == [1, 2, 0, 4]
+    assert ev.allocate(np.array([1, 1, 1]), 10).sum() == 10
+
+
+def test_cities_without_a_class_of_their_own_sample_the_shared_class():
+    lut = ev.class_of_label(["A", "B", "tiny"], ["A", "B", "(any city)"])
+    assert lut.tolist() == [0, 1, 2, 2]     # the last slot: photos with no label
+    assert ev.class_of_label(["A", "gone"], ["A", "B"]).tolist() == [0, -1, -1]
+
+
+def test_cli_evaluate_prints_json(toy, evaluation, capsys, tmp_path):
+    run_copy = tmp_path / "run"   # a copy, so this evaluation does not replace the fixture's
+    shutil.copytree(toy.run_dir, run_copy, ignore=shutil.ignore_patterns("eval"))
+    assert main(["evaluate", "--workspace", str(toy.ws.root), "--run", str(run_copy), "--n", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_generated"] == 4 and "fid" in out["quality"]
+    assert (run_copy / "eval").is_dir()
+
+
+def test_evaluate_without_held_out_photos_is_a_clear_error(tmp_path, toy):
+    from neighbourhoods.ingest import ingest
+    from neighbourhoods.toytown import draw_toytown
+
+    photos, labels = draw_toytown(tmp_path / "t", cities=("Pinecrest",), per_city=6)
+    ingest(photos, tmp_path / "ws", labels=labels, res=[RES], holdout_min=1000, workers=1, progress=False)
+    with pytest.raises(NeighbourhoodsError, match="held-out photos"):
+        ev.evaluate(tmp_path / "ws", str(toy.run_dir), ev.EvaluateConfig(n=8), progress=False)
+    assert main(["evaluate", "--workspace", str(tmp_path / "ws"), "--run", "nope"]) == 2
+
+
+# --- novelty ------------------------------------------------------------------------------------
+def test_memorisation_rate_counts_samples_above_the_threshold():
+    assert novelty.memorisation_rate(np.array([0.1, 0.95, 0.99, 0.5]), 0.9) == 0.5
+    assert novelty.memorisation_threshold(np.linspace(0, 1, 101), 99.0) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("space", ["inception", "efficientnet"])
+def test_memorisation_rate_flags_copies_of_training_photos(toy, spaces, space):
+    index = novelty.NoveltyIndex.build(toy.ws, RES, space=space, progress=False, extractor=spaces[space])
+    train = load_split(toy.ws, RES, "train")
+    copies = np.asarray(train.images[train.rows[:4]])
+    rng = np.random.default_rng(0)
+    # near-copies with faint pixel noise. Toy-town houses are so alike (held-out photos' nearest
+    # similarity ~0.9) that at 32x32 noise of +-4 grey levels or a JPEG re-encode already moves
+    # copies below the threshold: exact and almost exact copies are what this can promise here.
+    noisy = np.clip(copies.astype(int) + rng.integers(-1, 2, copies.shape), 0, 255).astype(np.uint8)
+    sims, ids = index.nearest(np.concatenate([copies, noisy]))
+    assert novelty.memorisation_rate(sims, index.threshold) == 1.0
+    assert ids[:4].tolist() == train.photo_ids[:4].tolist()     # each copy finds its own original
+    assert index.is_copy(copies).all()
+
+
+@pytest.mark.parametrize("space", ["inception", "efficientnet"])
+def test_new_photos_of_the_same_cities_are_rarely_flagged(toy, spaces, space, tmp_path):
+    from neighbourhoods.toytown import draw_toytown
+    from PIL import Image
+
+    index = novelty.NoveltyIndex.build(toy.ws, RES, space=space, progress=False, extractor=spaces[space])
+    photos, _ = draw_toytown(tmp_path / "new", cities=CITIES, per_city=3, seed=7)   # houses never seen
+    fresh = np.stack([np.asarray(Image.open(p).convert("RGB").resize((RES[1], RES[0]), Image.LANCZOS))
+                      for p in sorted(photos.iterdir())])
+    sims, _ = index.nearest(fresh)
+    assert novelty.memorisation_rate(sims, index.threshold) <= 0.25
+    assert np.median(sims) < index.threshold
+
+
+def test_near_duplicate_held_out_photos_are_left_out_of_the_calibration(toy):
+    train = load_split(toy.ws, RES, "train")
+    holdout = load_split(toy.ws, RES, "holdout")
+    assert novelty.independent_holdout(toy.ws, holdout.photo_ids, train.photo_ids).all()   # toy town has none
+
+
+# --- cheap KID during training ------------------------------------------------------------------
+def test_quick_kid_is_near_zero_for_real_photos_and_large_for_grey_ones(toy, spaces):
+    train = load_split(toy.ws, RES, "train")
+    real, _, _ = split_features(toy.ws, RES, "holdout", spaces["inception"], progress=False)
+    photos = lambda n: np.asarray(train.images[train.rows[:n]])                # noqa: E731
+    grey = lambda n: np.full((n, RES[0], RES[1], 3), 128, dtype=np.uint8)     # noqa: E731
+    real_mean, real_std = ev.quick_kid(photos, real, n=8, extractor=spaces["inception"], subsets=20)
+    grey_mean, _ = ev.quick_kid(grey, real, n=8, extractor=spaces["inception"], subsets=20)
+    # 8 samples make a noisy estimate: the margin is what a training curve can rely on
+    assert grey_mean > 5 * real_mean and grey_mean > real_mean + 10 * real_std
+
+
+def test_training_kid_scores_a_generator_against_the_held_out_photos(toy):
+    from neighbourhoods import runs
+
+    gen = runs.load_generator(toy.run_dir)
+    gen.model.train()
+    mean, std = ev.training_kid(toy.ws, RES, gen.model, gen.class_names, n=8)
+    assert mean > 0 and std >= 0
+    assert gen.model.training, "the model's train/eval mode is restored"
+
+
+# --- the per-workspace feature cache --------------------------------------------------------------
+def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
+    from neighbourhoods.eval_features import DIMS, FeatureSpace, PROTOCOLS, photo_features
+    from neighbourhoods.workspace import Workspace
+
+    calls = []
+
+    def extract(images, progress=False, desc=""):   # a stand-in network: mean colour per photo
+        calls.append(len(images))
+        out = np.zeros((len(images), DIMS["efficientnet"]), np.float32)
+        out[:, :3] = images.reshape(len(images), -1, 3).mean(1)
+        return out
+
+    space = FeatureSpace("efficientnet", DIMS["efficientnet"], PROTOCOLS["efficientnet"], extract)
+    ws = Workspace(tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    rows, ids = np.arange(6), np.arange(100, 106)
+    first = photo_features(ws, (8, 8), images, rows, ids, space, progress=False, step=4)
+    assert calls == [4, 2]
+    again = photo_features(ws, (8, 8), images, rows, ids, space, progress=False)
+    assert calls == [4, 2] and np.array_equal(first, again)
+    images[3] = 255 - images[3]                      # photo 103 re-ingested with new pixels
+    changed = photo_features(ws, (8, 8), images, rows, ids, space, progress=False)
+    assert calls == [4, 2, 1]
+    assert not np.allclose(changed[3], first[3]) and np.array_equal(np.delete(changed, 3, 0), np.delete(first, 3, 0))

@@ -1,0 +1,47 @@
+"""A tiny trained run on toy town, with a held-out split, shared by test_evaluate and test_report.
+
+Built once per test session under pytest's base temp folder (both test files call
+`toy_run(tmp_path_factory)`): 3 cities x 12 photos at 32x32, a quarter held out, a DCGAN with
+a few hundred parameters trained on 64 images. Its samples are grey blobs: far from the real
+photos, which is what the tests check the metrics say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from neighbourhoods.workspace import Workspace
+
+RES = (32, 32)
+CITIES = ("Pinecrest", "Sunvale", "Harborview")
+
+
+@dataclass(frozen=True)
+class ToyRun:
+    root: Path
+    ws: Workspace
+    run: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ws.run_dir(self.run)
+
+
+def toy_run(tmp_path_factory) -> ToyRun:
+    from neighbourhoods.ingest import ingest
+    from neighbourhoods.toytown import draw_toytown
+    from neighbourhoods.train import TrainConfig, train
+
+    root = tmp_path_factory.getbasetemp() / "evaluate-toy-run"
+    ws = root / "ws"
+    done = root / "done"
+    if not done.is_file():
+        photos, labels = draw_toytown(root / "toytown", cities=CITIES, per_city=12, seed=0)
+        ingest(photos, ws, labels=labels, res=[RES], holdout=0.25, holdout_min=10, workers=1, progress=False)
+        train(ws, TrainConfig(model="dcgan", res=RES, batch=8, kimg=0.064, min_city_photos=5, run="tiny",
+                              model_kwargs={"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
+                              snapshot_every=32, sample_every=16, tick_every=8, grid_rows=4, grid_seeds=3,
+                              num_workers=0, progress=False))
+        done.write_text("ok")
+    return ToyRun(root=root, ws=Workspace(ws), run="tiny")
