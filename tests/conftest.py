@@ -18,3 +18,29 @@ def shared_data() -> Path:
         pytest.skip(f"real photos not found at {SHARED_DATA} (set NEIGHBOURHOODS_SHARED_DATA); "
                     "skipping end-to-end test on real data")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory):
+    """(workspace, run name): toy town ingested at 48x64 and a tiny dcgan trained a few steps.
+
+    Shared by the generate/serve/gallery tests (owned by `serve`); small so the session stays fast.
+    """
+    from neighbourhoods.ingest import ingest
+    from neighbourhoods.toytown import draw_toytown
+
+    root = tmp_path_factory.mktemp("served")
+    photos, labels = draw_toytown(root / "toytown", per_city=12)
+    ws = root / "ws"
+    # a holdout per city, so the novelty guard can calibrate its threshold
+    ingest(photos, ws, labels=labels, res=[(48, 64)], holdout=0.25, holdout_min=4, workers=1, progress=False)
+    return ws, _train_tiny_run(ws)
+
+
+def _train_tiny_run(ws) -> str:
+    from neighbourhoods.train import TrainConfig, train
+
+    train(ws, TrainConfig(model="dcgan", res=(48, 64), run="tiny", kimg=0.016, batch=8, min_city_photos=1,
+                          model_kwargs={"ngf": 16}, snapshot_every=10_000, sample_every=10_000,
+                          grid_rows=3, grid_seeds=2, num_workers=0, progress=False))
+    return "tiny"

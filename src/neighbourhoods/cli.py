@@ -221,7 +221,7 @@ def _run_export(args) -> None:
               f"max |exported - original| = {result['max_abs_diff']:.2e}")
         for b in result.get("latency", []):
             print(f"  {b['threads']} thread(s), batch {b['batch']:>3}: {b['ms_per_image']:.2f} ms per image "
-                  f"({b['ms_per_batch']:.1f} ms per batch) + {b['postprocess_ms_per_image']:.1f} ms upscale+encode "
+                  f"({b['ms_per_batch']:.1f} ms per batch) + {b['postprocess_ms_per_image']:.1f} ms {b['upscale']} upscale+encode "
                   f"(load average {b['load_average_1min']:.1f})")
 
 

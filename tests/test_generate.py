@@ -1,0 +1,218 @@
+"""`generate`: deterministic thumbnails per (city, seed), upscaling, novelty guard, export."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neighbourhoods import cli
+from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.generate import (GenerateConfig, Guard, NoNovelSample, Source, cover_box, derived_seed,
+                                     generate, load_source, parse_size, render_samples, thumbnail)
+from neighbourhoods.upscale import NAMES, SRConfig, get_upscaler, train_sr
+
+
+@pytest.fixture(scope="module")
+def source(served_run):
+    ws, run = served_run
+    return load_source(ws, run)
+
+
+def test_size_is_width_by_height():
+    assert parse_size("256x192") == (256, 192)
+
+
+@pytest.mark.parametrize("text", ["", "256", "0x10", "2000x100", "-5x5", "1e3x5", "axb", "256x192x3"])
+def test_bad_or_huge_sizes_are_refused(text):
+    with pytest.raises(NeighbourhoodsError):
+        parse_size(text)
+
+
+def test_same_city_and_seed_give_the_same_pixels_whatever_the_batch(source):
+    alone = source.sample([1], [7])[0]
+    batched = source.sample([0, 1, 2, 1], [3, 7, 9, 8])[1]
+    assert np.array_equal(alone, batched)
+
+
+def test_different_seeds_and_cities_give_different_images(source):
+    imgs = source.sample([0, 0, 1], [1, 2, 1])
+    assert not np.array_equal(imgs[0], imgs[1])
+    assert not np.array_equal(imgs[0], imgs[2])
+
+
+def test_cover_box_crops_the_centre_to_the_target_aspect():
+    assert cover_box((64, 64), (256, 192)) == (0.0, 8.0, 64.0, 56.0)
+    assert cover_box((64, 48), (100, 100)) == (8.0, 0.0, 56.0, 48.0)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "espcn"])
+def test_every_resampling_upscaler_gives_the_exact_size(name):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    for size in [(256, 192), (100, 300), (32, 24)]:
+        assert get_upscaler(name).resize(img, size).size == size
+
+
+def test_thumbnail_bytes_are_reproducible_in_every_format(source):
+    img = source.sample([0], [5])[0]
+    for fmt, magic in [("jpg", b"\xff\xd8"), ("png", b"\x89PNG"), ("webp", b"RIFF")]:
+        a, b = thumbnail(img, (256, 192), fmt), thumbnail(img, (256, 192), fmt)
+        assert a == b and a.startswith(magic)
+        assert Image.open(io.BytesIO(a)).size == (256, 192)
+
+
+def _flagging_guard(source, flagged_seeds, max_attempts=8):
+    """A guard that calls an image a near-copy when it equals the sample of a flagged seed."""
+    flagged = {source.sample([c], [s])[0].tobytes() for c, s in flagged_seeds}
+    return Guard(similarity=lambda imgs: np.array([1.0 if im.tobytes() in flagged else 0.1 for im in imgs]),
+                 threshold=0.9, max_attempts=max_attempts)
+
+
+def test_guard_replaces_a_near_copy_by_the_next_derived_seed(source):
+    guard = _flagging_guard(source, [(0, 4)])
+    out = render_samples(source, [0, 0], [3, 4], guard)
+    assert out[0].used_seed == 3
+    assert out[1].used_seed == derived_seed(4, 1) != 4
+    assert np.array_equal(out[1].image, source.sample([0], [derived_seed(4, 1)])[0])
+    again = render_samples(source, [0], [4], guard)[0]
+    assert np.array_equal(again.image, out[1].image)
+
+
+def test_guard_gives_up_with_a_clear_error_when_every_attempt_is_a_copy(source):
+    guard = Guard(similarity=lambda imgs: np.ones(len(imgs)), threshold=0.5, max_attempts=3)
+    with pytest.raises(NoNovelSample, match="memorises"):
+        render_samples(source, [0], [1], guard)
+
+
+def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
+    from neighbourhoods.generate import load_guard
+    from neighbourhoods.prepared import load_split
+    from neighbourhoods.workspace import open_workspace
+
+    ws, _ = served_run
+    guard = load_guard(ws, source)
+    split = load_split(open_workspace(ws), source.res, "train")
+    photo = np.asarray(split.images[split.rows[0]])
+
+    def copying(classes, seeds):     # a generator that memorised: seed 4 gives back a training photo
+        out = source.sample(classes, seeds)
+        out[[s == 4 for s in seeds]] = photo
+        return out
+
+    memorising = Source(source.class_names, source.res, copying, source.fingerprint)
+    assert guard.similarity(photo[None])[0] > guard.threshold
+    s = render_samples(memorising, [0, 0], [4, 5], guard)
+    assert s[0].used_seed == derived_seed(4, 1) and not np.array_equal(s[0].image, photo)
+    assert s[0].similarity <= guard.threshold and s[1].used_seed == 5
+
+
+def test_generate_all_cities_writes_a_folder_grid_and_manifest_per_city(served_run, tmp_path):
+    ws, run = served_run
+    manifest = generate(ws, run, tmp_path, GenerateConfig(n=3, seed=10, size=(128, 96), fmt="png",
+                                                          all_cities=True, novelty=False), progress=False)
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert len(manifest["cities"]) == len(load_source(ws, run).class_names)
+    for city in manifest["cities"].values():
+        assert [f["seed"] for f in city["files"]] == [10, 11, 12]
+        for f in city["files"]:
+            assert Image.open(tmp_path / f["file"]).size == (128, 96)
+        assert Image.open(tmp_path / city["grid"]).width > 128 * 3
+
+
+def test_generate_cli_is_deterministic_per_city_and_seed(served_run, tmp_path):
+    ws, run = served_run
+    city = load_source(ws, run).class_names[0]
+    args = ["generate", "-w", str(ws), "--run", run, "--city", city, "-n", "2", "--seed", "5",
+            "--format", "webp", "--no-novelty-guard"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert cli.main(args[:7] + ["-n", "1", "--seed", "6"] + args[11:] + ["--out", str(tmp_path / "b")]) == 0
+    a = sorted((tmp_path / "a").rglob("000006.webp"))
+    b = sorted((tmp_path / "b").rglob("000006.webp"))
+    assert len(a) == len(b) == 1 and a[0].read_bytes() == b[0].read_bytes()
+
+
+def test_generate_cli_names_close_matches_for_an_unknown_city(served_run, tmp_path, capsys):
+    ws, run = served_run
+    city = load_source(ws, run).class_names[0]
+    code = cli.main(["generate", "-w", str(ws), "--run", run, "--city", city[:-1], "--out", str(tmp_path),
+                     "--no-novelty-guard"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: unknown city") and city in err and "Traceback" not in err
+
+
+def test_default_upscaler_without_sr_weights_is_the_best_weightless_one(tmp_path):
+    from neighbourhoods import catalog
+
+    catalog.connect(tmp_path / "catalog.sqlite").close()
+    assert get_upscaler(None, workspace=tmp_path).name == "lanczos"
+    with pytest.raises(NeighbourhoodsError, match="needs trained weights"):
+        get_upscaler("espcn", workspace=tmp_path)
+
+
+def test_sr_upscaler_trains_on_photos_and_loads_from_safetensors(served_run, tmp_path):
+    from neighbourhoods import catalog
+
+    photos = served_run[0].parent / "toytown" / "photos"
+    ws = tmp_path / "ws"      # its own workspace: the shared run keeps the weightless default
+    ws.mkdir()
+    catalog.connect(ws / "catalog.sqlite").close()
+    meta = train_sr(ws, photos, SRConfig(steps=3, batch=4, channels=8), max_photos=8, progress=False)
+    assert meta["n_photos"] == 8
+    assert (ws / "upscale" / "espcn-x2.safetensors").is_file()
+    up = get_upscaler("espcn", workspace=ws)
+    assert get_upscaler(None, workspace=ws).name == "espcn"      # the measured best, once trained
+    img = Image.open(next(iter(sorted(photos.iterdir())))).convert("RGB").resize((64, 48))
+    out = up.resize(img, (256, 192))
+    assert up.name == "espcn" and out.size == (256, 192)
+    assert np.array_equal(np.asarray(out), np.asarray(up.resize(img, (256, 192))))
+
+
+def test_export_gives_the_same_pixels_and_serves_without_model_code(served_run, tmp_path):
+    from neighbourhoods.export import export, load_exported
+
+    ws, run = served_run
+    result = export(ws, run, tmp_path / "g.pt2")
+    assert result["max_abs_diff"] == 0
+    exported = load_exported(tmp_path / "g.pt2")
+    original = load_source(ws, run)
+    assert exported.fingerprint == original.fingerprint
+    assert np.array_equal(exported.sample([2, 0], [11, 12]), original.sample([2, 0], [11, 12]))
+
+
+def test_loading_a_tampered_export_is_a_clear_error(served_run, tmp_path):
+    from neighbourhoods.export import export, load_exported
+
+    ws, run = served_run
+    export(ws, run, tmp_path / "g.pt2")
+    (tmp_path / "g.pt2").write_bytes(b"not a model")
+    with pytest.raises(NeighbourhoodsError, match="cannot load"):
+        load_exported(tmp_path / "g.pt2")
+
+
+def test_source_from_a_missing_run_is_a_clear_error(served_run):
+    ws, _ = served_run
+    with pytest.raises(NeighbourhoodsError, match="no training run"):
+        load_source(ws, "nope")
+
+
+def test_source_is_a_plain_value(source):
+    assert isinstance(source, Source) and source.res == (48, 64)
+
+
+@pytest.mark.slow
+def test_upscalers_restore_real_photos_better_than_nearest_neighbour(shared_data):
+    def psnr(a, b):
+        return 10 * np.log10(255.0 ** 2 / np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2))
+
+    photos = sorted((shared_data / "socal" / "images").glob("*.jpg"))[:8]
+    for name in [n for n in NAMES if n != "espcn"]:
+        gains = []
+        for p in photos:
+            real = Image.open(p).convert("RGB").resize((128, 96), Image.LANCZOS)
+            small = real.resize((64, 48), Image.LANCZOS)
+            gains.append(psnr(get_upscaler(name).resize(small, (128, 96)), real)
+                         - psnr(small.resize((128, 96), Image.NEAREST), real))
+        assert np.mean(gains) > 0, name
