@@ -359,37 +359,6 @@ def test_a_workspace_refuses_a_different_photos_folder(tmp_path):
     assert len(rows(tmp_path / "ws")) == 6      # nothing was removed
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`neighbourhoods demo` with no arguments, run once for the tests below: (workspace, --json output)."""
-    ws = tmp_path_factory.mktemp("demo") / "ws"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["demo", "--workspace", str(ws), "--json"]) == 0
-    return ws, json.loads(out.getvalue())
-
-
-def test_demo_without_arguments_draws_and_ingests_toy_town(demo_run):
-    ws, out = demo_run
-    assert set(out["labels"]) == {"Pinecrest", "Sunvale", "Harborview", "Brickton"}
-    assert out["kept"] == out["files"] and out["rejected"] == {}
-    for res in ("64x64", "48x64"):
-        h, w = map(int, res.split("x"))
-        assert np.load(ws / "prepared" / res / "images.npy", mmap_mode="r").shape == (out["kept"], h, w, 3)
-
-
-def test_demo_run_twice_decodes_nothing_the_second_time(demo_run, capsys):
-    ws, _ = demo_run
-    assert main(["demo", "--workspace", str(ws), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["decoded"] == 0
-
-
-def test_demo_with_data_ingests_those_photos(tmp_path, capsys):
-    d = labelled_folder(tmp_path)
-    assert main(["demo", "--workspace", str(tmp_path / "ws"), "--data", str(d), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["labels"] == {"Oakdale": 3, "Seaside": 3}
-
-
 def test_near_duplicates_share_the_split_of_their_original(tmp_path):
     d = tmp_path / "photos"
     for i in range(40):

@@ -125,7 +125,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--file-column", default="file", help="CSV column with the photo's file name/relative path")
     p.add_argument("--label-column", default="city", help="CSV column with the label")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPU count)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time on this machine (default 4)")
+    p.add_argument("--eval-samples", type=int, default=300, help="samples scored by evaluate (default 300)")
     p.set_defaults(func=_run_demo)
 
 
@@ -134,12 +135,13 @@ def _run_demo(args) -> None:
 
     if args.labels and not args.data:
         raise NeighbourhoodsError("--labels needs --data (the built-in toy town has its own labels)")
-    summary = demo(args.workspace, data=args.data, labels=args.labels, file_column=args.file_column,
-                   label_column=args.label_column, workers=args.workers, progress=not args.json)
-    if args.json:
-        _print_json(summary.to_json())
-    else:
-        print(summary.describe())
+    if args.minutes <= 0 or args.eval_samples < 4:
+        raise NeighbourhoodsError("--minutes must be positive and --eval-samples at least 4")
+    result = demo(args.workspace, data=args.data, labels=args.labels, file_column=args.file_column,
+                  label_column=args.label_column, workers=args.workers, minutes=args.minutes,
+                  eval_samples=args.eval_samples)
+    print()
+    print(result.describe())
 
 
 # --- generate -------------------------------------------------------------------------------
