@@ -46,7 +46,7 @@ from . import models, prepared
 from .errors import NeighbourhoodsError
 from .runs import (ANY_CITY, generate_images, latest_checkpoint, load_state_into,
                    load_weights, read_config)
-from .workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, open_workspace, res_name
+from .workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, fsync_path, open_workspace, res_name
 
 
 @dataclass
@@ -394,14 +394,6 @@ def _device(config: TrainConfig, dd: Dist) -> torch.device:
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
 
@@ -424,12 +416,12 @@ def save_checkpoint(run_dir: Path, images_seen: int, nets: dict[str, nn.Module],
         save_file(_tensors(module), str(tmp / f"{key}.safetensors"))
     torch.save(state, tmp / "state.pt")
     for file in tmp.iterdir():
-        _fsync(file)
-    _fsync(tmp)
+        fsync_path(file)
+    fsync_path(tmp)
     if final.exists():            # a complete folder a killed run renamed but never pointed latest.json at
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(ckpts)
+    fsync_path(ckpts)
     atomic_write_json(ckpts / "latest.json", {"dir": name, "images_seen": images_seen})
     _prune(ckpts, keep=max(1, keep), current=name)
     return final

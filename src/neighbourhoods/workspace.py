@@ -79,7 +79,8 @@ def open_workspace(path: str | os.PathLike, create: bool = False) -> Workspace:
     return Workspace(root)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entry list: makes a rename in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,7 +107,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
