@@ -3,7 +3,6 @@ prepared arrays, incremental re-runs. Small files the tests make themselves."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
