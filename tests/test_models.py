@@ -64,6 +64,15 @@ def test_city_changes_the_generated_image():
     assert not torch.allclose(out[0], out[1], atol=1e-6)
 
 
+def test_generator_without_conditional_bn_still_depends_on_city():
+    torch.manual_seed(0)
+    G = projected.Generator(num_classes=3, res=(64, 64), cond_bn=False).eval()
+    assert not any(m.conditional for m in G.modules() if isinstance(m, projected.ConditionalBatchNorm))
+    z = torch.randn(1, G.z_dim).repeat(2, 1)
+    out = G(z, torch.tensor([0, 2]))
+    assert not torch.allclose(out[0], out[1], atol=1e-6)
+
+
 def test_eval_samples_depend_only_on_noise_and_city_not_on_the_batch():
     torch.manual_seed(0)
     G = projected.Generator(num_classes=3, res=(48, 64))

@@ -14,6 +14,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
   2018): each head's logit is a plain linear term plus <embed(city), features>.
   The feature net sees the image at its native resolution (64x64 costs 12x less than the
   224x224 the net was trained at); `feature_res` > 1 upsamples first, at that price.
+- Measured (bench/quality.py, 20 CPU-minutes at 64x64 on SoCal): KID 0.146 vs dcgan's 0.452,
+  recognisable houses, but one house per city whatever the seed (within-city mode collapse,
+  open; see docs/model.md).
 - Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
   octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
 
@@ -75,18 +78,23 @@ def _up_levels(res: tuple[int, int]) -> int:
 
 # --- generator ------------------------------------------------------------------------------
 class ConditionalBatchNorm(nn.Module):
-    """BatchNorm whose gain and bias are linear in the class embedding (BigGAN)."""
+    """BatchNorm whose gain and bias are linear in the class embedding (BigGAN); with
+    conditional=False a plain affine BatchNorm that ignores the embedding."""
 
-    def __init__(self, channels: int, embed_dim: int):
+    def __init__(self, channels: int, embed_dim: int, conditional: bool = True):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False)
-        self.gain = nn.Linear(embed_dim, channels)
-        self.bias = nn.Linear(embed_dim, channels)
-        for lin in (self.gain, self.bias):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        self.conditional = conditional
+        self.bn = nn.BatchNorm2d(channels, affine=not conditional)
+        if conditional:
+            self.gain = nn.Linear(embed_dim, channels)
+            self.bias = nn.Linear(embed_dim, channels)
+            for lin in (self.gain, self.bias):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if not self.conditional:
+            return self.bn(x)
         return self.bn(x) * (1 + self.gain(e))[:, :, None, None] + self.bias(e)[:, :, None, None]
 
 
@@ -112,7 +120,8 @@ class NoiseInjection(nn.Module):
 class UpBlock(nn.Module):
     """2x nearest upsample, then `convs` x (conv3x3 -> noise -> cond. BN -> GLU)."""
 
-    def __init__(self, c_in: int, c_out: int, embed_dim: int, convs: int, size: tuple[int, int]):
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, convs: int, size: tuple[int, int],
+                 cond_bn: bool = True):
         super().__init__()
         self.convs = nn.ModuleList()
         self.noises = nn.ModuleList()
@@ -120,7 +129,7 @@ class UpBlock(nn.Module):
         for i in range(convs):
             self.convs.append(nn.Conv2d(c_in if i == 0 else c_out, 2 * c_out, 3, padding=1, bias=False))
             self.noises.append(NoiseInjection(size))
-            self.norms.append(ConditionalBatchNorm(2 * c_out, embed_dim))
+            self.norms.append(ConditionalBatchNorm(2 * c_out, embed_dim, conditional=cond_bn))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -146,7 +155,7 @@ class Generator(nn.Module):
     """(z, city) -> N x 3 x H x W image in [-1, 1]."""
 
     def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
-                 max_channels: int = 256, min_channels: int = 16):
+                 max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True):
         super().__init__()
         self.z_dim = z_dim
         self.num_classes = num_classes
@@ -158,11 +167,11 @@ class Generator(nn.Module):
         self.channels = ch
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.fc = nn.Linear(z_dim + embed_dim, 2 * ch[0] * self.base[0] * self.base[1], bias=False)
-        self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim)
+        self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim, conditional=cond_bn)
         # Two convs per block at low resolution (cheap there), one at the top two octaves.
         self.blocks = nn.ModuleList(
             UpBlock(ch[i], ch[i + 1], embed_dim, convs=2 if i + 1 < levels - 1 else 1,
-                    size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)))
+                    size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)), cond_bn=cond_bn)
             for i in range(levels))
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
         self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2]) for i in range(1, levels - 1)})
@@ -232,14 +241,14 @@ class ProjectionHead(nn.Module):
     class-projection term."""
 
     def __init__(self, c_in: int, spatial: tuple[int, int], num_classes: int, width: int = 128,
-                 cmap_dim: int = 64):
+                 cmap_dim: int = 64, batchnorm: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         c, (h, w) = c_in, spatial
         while min(h, w) > 4:
             c_next = min(width * 2, max(width, c))
-            layers += [spectral_norm(nn.Conv2d(c, c_next, 4, stride=2, padding=1, bias=False)),
-                       nn.BatchNorm2d(c_next), nn.LeakyReLU(0.2)]
+            layers += [spectral_norm(nn.Conv2d(c, c_next, 4, stride=2, padding=1, bias=not batchnorm)),
+                       nn.BatchNorm2d(c_next) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2)]
             c, h, w = c_next, (h + 1) // 2, (w + 1) // 2
         layers += [spectral_norm(nn.Conv2d(c, width, 3, padding=1)), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
@@ -257,7 +266,8 @@ class ProjectionHead(nn.Module):
 class ProjectedDiscriminator(nn.Module):
     """(images in [-1, 1], city) -> N x P patch logits from all four scales."""
 
-    def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0):
+    def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0,
+                 batchnorm: bool = True):
         super().__init__()
         self.res = tuple(res)
         self.feature_res = feature_res  # scale of the image fed to the feature net (1.0: native)
@@ -265,7 +275,8 @@ class ProjectedDiscriminator(nn.Module):
         with torch.no_grad():
             probe = self.feature_net(torch.zeros(1, 3, *self._feature_size()))
         self.heads = nn.ModuleList(
-            ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width) for f in probe)
+            ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width, batchnorm=batchnorm)
+            for f in probe)
 
     def _feature_size(self) -> tuple[int, int]:
         return (round(self.res[0] * self.feature_res), round(self.res[1] * self.feature_res))
@@ -281,14 +292,19 @@ class ProjectedDiscriminator(nn.Module):
 
 
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
-          g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0) -> tuple[Generator, ProjectedDiscriminator]:
+          g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
+          g_cond_bn: bool = True, d_batchnorm: bool = True) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W)."""
-    G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels)
-    D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res)
+    G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
+                        g_cond_bn=g_cond_bn)
+    D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
+                               batchnorm=d_batchnorm)
     return G, D
 
 
 def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
-                    g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0) -> Generator:
+                    g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
+                    g_cond_bn: bool = True, d_batchnorm: bool = True) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
-    return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels)
+    return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
+                     cond_bn=g_cond_bn)

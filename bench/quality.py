@@ -1,0 +1,193 @@
+"""Benchmark: sample quality per unit of compute, the default model against the DCGAN baseline.
+
+    python bench/quality.py                                   # 20 CPU-minutes per model, 64x64
+    python bench/quality.py --minutes 3 --samples 500         # a quick look
+    python bench/quality.py --res 96x128 --minutes 8 --device cuda
+
+On ../shared/data/socal (real SoCal listing exteriors with their cities):
+1. ingest into a fresh workspace (or --workspace, reused if already ingested) with a fixed
+   15% holdout per city (cities with at least 20 photos; the split is a hash of each photo's
+   bytes, so it is the same on every machine);
+2. train each model (--models, default dcgan then projected) for the same wall-clock budget
+   through `neighbourhoods.train.train`, each with its own recipe (loss, lr, augmentation);
+3. sample --samples images from each run's EMA generator, cities drawn in proportion to the
+   held-out photos (a held-out city without its own class is drawn as "(any city)"), and score
+   them against the held-out photos by KID in the standard FID Inception space
+   (neighbourhoods.inception + neighbourhoods.metrics.kid: mean and std over 100 subsets);
+   (neighbourhoods.metrics.precision_recall, k=3, is reported beside it: recall is diversity);
+4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
+   JSON to --out (default bench/results/quality.json), and print a summary.
+Each model is scored in a child process while the next one trains (scoring 2,000 images through
+Inception takes minutes on a CPU); that overlap can only slow the later models' training.
+
+Runs, grids and the workspace stay outside the repository (default: a new folder under /tmp).
+Wall-clock budgets on a shared machine depend on its load: compare models from one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from neighbourhoods import inception, metrics, models, runs  # noqa: E402
+from neighbourhoods.eval_features import split_features  # noqa: E402
+from neighbourhoods.ingest import ingest  # noqa: E402
+from neighbourhoods.prepared import load_split  # noqa: E402
+from neighbourhoods.train import TrainConfig, save_grid, train  # noqa: E402
+from neighbourhoods.workspace import Workspace, atomic_write_json, parse_res, res_name  # noqa: E402
+
+HOLDOUT = 0.15
+GRID_CITIES = 8
+GRID_SEEDS = 8
+
+
+def prepare_workspace(data: Path, ws_root: Path, res: tuple[int, int]) -> Workspace:
+    """Ingest the SoCal photos with the benchmark's fixed split, unless already done at `res`."""
+    ws = Workspace(ws_root)
+    if not (ws.prepared_dir(res) / "images.npy").is_file():
+        ingest(data / "images", ws_root, labels=str(data / "listings.csv"), res=[res],
+               holdout=HOLDOUT, progress=True)
+    return ws
+
+
+def eval_classes(gen: runs.LoadedGenerator, holdout_cities: list[str], n: int, seed: int = 0) -> np.ndarray:
+    """`n` class indices drawn in proportion to the held-out photos' cities."""
+    fallback = gen.class_names.index(runs.ANY_CITY) if runs.ANY_CITY in gen.class_names else None
+    per_photo = []
+    for city in holdout_cities:
+        if city in gen.class_names:
+            per_photo.append(gen.class_names.index(city))
+        elif fallback is not None:
+            per_photo.append(fallback)
+    if not per_photo:
+        raise SystemExit("no held-out photo belongs to a class the generator knows")
+    return np.random.default_rng(seed).choice(np.array(per_photo), size=n)
+
+
+def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], top_cities: list[str],
+              samples: int, grid_path: Path, device: str = "cpu") -> dict:
+    """Sample from the run's EMA generator, KID against the held-out features, and a grid."""
+    gen = runs.load_generator(run_dir, device=device)
+    classes = eval_classes(gen, holdout_cities, samples)
+    t0 = time.time()
+    images = runs.sample(gen, classes.tolist(), list(range(samples)))
+    net = inception.load_fid_inception(device=device)
+    feats = net.features(images, progress=True, desc=f"inception {run_dir.name}")
+    kid_mean, kid_std = metrics.kid(real_feats, feats)
+    precision, recall = metrics.precision_recall(real_feats, feats)
+    rows = [c for c in top_cities if c in gen.class_names][:GRID_CITIES]
+    grid_classes = [gen.class_names.index(c) for c in rows for _ in range(GRID_SEEDS)]
+    grid = runs.sample(gen, grid_classes, list(range(GRID_SEEDS)) * len(rows))
+    save_grid(grid_path, grid, rows, GRID_SEEDS)
+    return {"kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+            "samples": samples, "scoring_s": time.time() - t0, "images_seen": gen.images_seen,
+            "grid": str(grid_path), "classes": len(gen.class_names)}
+
+
+def _score_to_file(out: Path, *args) -> None:
+    """score_run in a child process (so scoring one model can overlap training the next)."""
+    torch.set_num_threads(1)
+    atomic_write_json(out, score_run(*args))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "socal",
+                   help="the socal folder (images/ + listings.csv)")
+    p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: a new one under /tmp)")
+    p.add_argument("--res", type=parse_res, default=(64, 64), help="training resolution HxW")
+    p.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
+    p.add_argument("--models", default="dcgan,projected", help="comma-separated registered model names")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's recipe, else train's default)")
+    p.add_argument("--samples", type=int, default=2000, help="generated images scored per model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    args = p.parse_args(argv)
+    if not (args.data / "listings.csv").is_file():
+        raise SystemExit(f"{args.data} has no listings.csv: pass --data .../shared/data/socal")
+
+    ws_root = args.workspace or Path(tempfile.mkdtemp(prefix="neighbourhoods-quality-"))
+    ws = prepare_workspace(args.data, ws_root, args.res)
+    holdout = load_split(ws, args.res, "holdout")
+    train_split = load_split(ws, args.res, "train")
+    holdout_cities = [holdout.label_names[i] for i in holdout.labels if i >= 0]
+    counts = np.bincount(train_split.labels[train_split.labels >= 0], minlength=len(train_split.label_names))
+    top_cities = [train_split.label_names[i] for i in np.argsort(-counts, kind="stable")]
+    print(f"workspace {ws_root}: {len(train_split)} training photos, {len(holdout)} held out", flush=True)
+
+    real_feats, _, _ = split_features(ws, args.res, "holdout", "inception", progress=True, device=args.device)
+
+    result = {"data": str(args.data), "workspace": str(ws_root), "res": list(args.res),
+              "minutes_per_model": args.minutes, "train_photos": len(train_split), "holdout_photos": len(holdout),
+              "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "device": args.device, "load_average_start": os.getloadavg(), "models": {},
+              "note": "each model's scoring runs in a child process while the next model trains "
+                      "(on a CPU this slows the later models' training a little: conservative for them)"}
+    ctx = mp.get_context("spawn")
+    scorers = []
+    for model in args.models.split(","):
+        config = TrainConfig(model=model, res=args.res, run=f"quality-{model}-{res_name(args.res)}",
+                             kimg=None, minutes=args.minutes, device=args.device)
+        # Each model's own recipe batch where it names one (the default model: 32), else train's default
+        # (64, also the batch of pytorch's DCGAN example); --batch overrides for all.
+        config.batch = args.batch or int(models.recipe(model).get("batch") or config.batch)
+        t0 = time.time()
+        run_dir = train(ws, config)
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train_s = lines[-1]["time_s"] if lines and "time_s" in lines[-1] else time.time() - t0
+        progress = sorted(str(p) for p in (run_dir / "samples").glob("progress-*.png"))
+        images_seen = runs.latest_checkpoint(run_dir)[1]
+        result["models"][model] = {
+            "run": str(run_dir), "train_s": train_s, "train_wall_s": time.time() - t0,
+            "images_seen": images_seen, "images_per_s": images_seen / max(train_s, 1e-9),
+            "batch": config.batch, "progress_grid": progress[-1] if progress else None,
+            "load_average_after_training": os.getloadavg()}
+        print(f"{model}: {images_seen} images in {train_s:.0f} s ({images_seen / max(train_s, 1e-9):.1f} img/s)",
+              flush=True)
+        out = run_dir / "bench-score.json"
+        out.unlink(missing_ok=True)
+        proc = ctx.Process(target=_score_to_file, args=(out, run_dir, real_feats, holdout_cities, top_cities,
+                                                        args.samples, run_dir / "samples" / f"bench-{model}.png",
+                                                        args.device))
+        proc.start()
+        scorers.append((model, proc, out))
+
+    for model, proc, out in scorers:
+        proc.join()
+        if proc.exitcode != 0 or not out.is_file():
+            raise SystemExit(f"scoring {model} failed (exit code {proc.exitcode})")
+        scores = json.loads(out.read_text())
+        result["models"][model].update(scores)
+        print(f"{model}: KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}, precision {scores['precision']:.3f}, "
+              f"recall {scores['recall']:.3f}; grid {scores['grid']}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, result)   # after each model, so a late failure keeps the first
+
+    if "dcgan" in result["models"]:
+        base = result["models"]["dcgan"]["kid_mean"]
+        for name, r in result["models"].items():
+            if name != "dcgan":
+                r["kid_ratio_dcgan_over_this"] = base / r["kid_mean"] if r["kid_mean"] > 0 else float("inf")
+    atomic_write_json(args.out, result)
+    print(json.dumps({m: {k: r[k] for k in ("images_per_s", "images_seen", "kid_mean", "kid_std", "precision", "recall", "grid")}
+                      for m, r in result["models"].items()}, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
