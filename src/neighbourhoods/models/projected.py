@@ -25,8 +25,8 @@ Contract with train.py (models/__init__.py registers this as "projected", the de
     LOSSES["projected"] = "hinge"
     AUGMENT_POLICY below: the DiffAugment policy to apply to BOTH real and fake images
       before D (neighbourhoods.augment.diffaugment(x, AUGMENT_POLICY)).
-    TRAIN_DEFAULTS: the recipe (lr, betas, EMA, mirror, batch). train.TrainConfig.batch does
-      not read the recipe yet (its default is 64); bench/quality.py passes the recipe's 32.
+    TRAIN_DEFAULTS: the recipe (lr, betas, EMA, mirror, batch): TrainConfig fields left at None
+      take these values.
     G has BatchNorm: sample with G_ema.eval(); the EMA should copy (or average) G's buffers
       (BN running stats) along with its parameters, as StyleGAN2-ADA's loop does.
     D.feature_net is frozen and stays in eval mode whatever D.train(mode) is called with;
