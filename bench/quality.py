@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neighbourhoods import inception, metrics, models, runs  # noqa: E402
+from neighbourhoods import inception, metrics, runs  # noqa: E402
 from neighbourhoods.eval_features import split_features  # noqa: E402
 from neighbourhoods.ingest import ingest  # noqa: E402
 from neighbourhoods.prepared import load_split  # noqa: E402
@@ -141,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     scorers = []
     for model in args.models.split(","):
         config = TrainConfig(model=model, res=args.res, run=f"quality-{model}-{res_name(args.res)}",
-                             kimg=None, minutes=args.minutes, device=args.device)
-        # Each model's own recipe batch where it names one (the default model: 32), else train's default
-        # (64, also the batch of pytorch's DCGAN example); --batch overrides for all.
-        config.batch = args.batch or int(models.recipe(model).get("batch") or config.batch)
+                             kimg=None, minutes=args.minutes, device=args.device,
+                             # None: each model's recipe batch (the default model 32, dcgan 64 like
+                             # pytorch's DCGAN example); --batch overrides for all
+                             batch=args.batch)
         t0 = time.time()
         run_dir = train(ws, config)
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["models"][model] = {
             "run": str(run_dir), "train_s": train_s, "train_wall_s": time.time() - t0,
             "images_seen": images_seen, "images_per_s": images_seen / max(train_s, 1e-9),
-            "batch": config.batch, "progress_grid": progress[-1] if progress else None,
+            "batch": json.loads((run_dir / "config.json").read_text())["batch"], "progress_grid": progress[-1] if progress else None,
             "load_average_after_training": os.getloadavg()}
         print(f"{model}: {images_seen} images in {train_s:.0f} s ({images_seen / max(train_s, 1e-9):.1f} img/s)",
               flush=True)

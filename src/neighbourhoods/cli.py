@@ -111,8 +111,6 @@ def _run_select(args) -> None:
             sys.stdout.write("".join(path + "\n" for path in selected_paths(args.workspace)))
             sys.stdout.flush()
         except BrokenPipeError:  # `select --list | head`: the reader has all it wants
-            import os
-
             sys.stdout = open(os.devnull, "w")
 
 
