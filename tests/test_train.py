@@ -481,3 +481,54 @@ def test_trains_on_real_listing_photos_at_four_by_three(shared_data, tmp_path):
     assert set(gen.class_names) >= top
     images = runs.sample(gen, [gen.class_index("San Diego, CA")] * 3, [0, 1, 2])
     assert images.shape == (3, 48, 64, 3) and images.std() > 0
+
+
+# --- mode seeking (MSGAN) --------------------------------------------------------------------------
+def test_mode_seeking_pairs_each_fake_with_one_of_the_same_city():
+    paired = train_mod.pair_labels(torch.tensor([3, 1, 4, 1, 5, 9, 2]))
+    assert paired.tolist() == [3, 1, 4, 3, 1, 4, 2]   # i and i + N/2 share a city; an odd last one stays
+
+
+def test_mode_seeking_loss_is_large_when_two_latents_give_one_image():
+    z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    distinct = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    collapsed = distinct[:1].expand(8, -1, -1, -1)
+    assert train_mod.mode_seeking_loss(collapsed, z) > 1000 * train_mod.mode_seeking_loss(distinct, z)
+
+
+def test_mode_seeking_term_alone_makes_one_citys_samples_differ_more():
+    from neighbourhoods.models import build_generator
+    torch.manual_seed(0)
+    G = build_generator("projected", 2, (32, 32), **TINY["projected"])
+    opt = torch.optim.Adam(G.parameters(), lr=1e-3)
+    z = torch.randn(16, G.z_dim, generator=torch.Generator().manual_seed(2))
+    city = torch.zeros(16, dtype=torch.long)
+
+    def spread() -> float:
+        with torch.no_grad():
+            return G(z, city).std(0).mean().item()
+
+    before = spread()
+    for _ in range(10):
+        loss = train_mod.mode_seeking_loss(G(z, city), z)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert spread() > 1.5 * before
+
+
+def test_default_model_trains_with_mode_seeking_and_dcgan_without(toy_ws):
+    assert train_mod.resolve_config(TrainConfig(model="projected")).mode_seeking > 0
+    assert train_mod.resolve_config(TrainConfig(model="dcgan")).mode_seeking == 0
+    with pytest.raises(NeighbourhoodsError, match="mode-seeking"):
+        train_mod.resolve_config(TrainConfig(mode_seeking=-1.0))
+
+
+def test_a_run_from_before_mode_seeking_resumes_without_it(toy_ws):
+    run = train(toy_ws, tiny("projected", run="pre-ms", kimg=0.016))
+    config = json.loads((run / "config.json").read_text())
+    assert config["mode_seeking"] > 0
+    del config["mode_seeking"]                       # as written before the option existed
+    (run / "config.json").write_text(json.dumps(config))
+    train(toy_ws, tiny("projected", run="pre-ms", kimg=0.032, resume=True))
+    assert json.loads((run / "config.json").read_text())["mode_seeking"] == 0.0

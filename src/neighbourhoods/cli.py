@@ -268,6 +268,8 @@ def _add_train(sub) -> None:
     p.add_argument("--augment", help='DiffAugment policy, e.g. "color,translation,cutout"; "" for none (default: the model\'s)')
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="random left-right flips of the photos")
     p.add_argument("--ema-kimg", type=float, help="half-life of G's moving average in thousands of images (default: the model's)")
+    p.add_argument("--mode-seeking", type=float,
+                   help="weight of the mode-seeking (MSGAN) term that keeps one city's samples diverse; 0 = off (default: the model's)")
     p.add_argument("--min-city-photos", type=int, help='cities with fewer training photos share one "(any city)" class (default 50)')
     p.add_argument("--snapshot-every", type=int, help="images between checkpoints (default 20000)")
     p.add_argument("--sample-every", type=int, help="images between sample grids (default 10000)")
@@ -283,7 +285,7 @@ def _run_train(args) -> None:
     from .train import TrainConfig, train
 
     names = ("res", "model", "kimg", "minutes", "batch", "run", "device", "amp", "seed", "lr_g", "lr_d", "augment",
-             "mirror", "ema_kimg", "min_city_photos", "snapshot_every", "sample_every", "kid_every", "num_workers",
+             "mirror", "ema_kimg", "mode_seeking", "min_city_photos", "snapshot_every", "sample_every", "kid_every", "num_workers",
              "threads", "model_kwargs")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.minutes is not None:

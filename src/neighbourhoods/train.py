@@ -68,6 +68,7 @@ class TrainConfig:
     ema_rampup: float | None = 0.05           # EMA half-life at most this fraction of the images seen so far (None = no ramp-up)
     seed: int = 0                             # seeds weights, data order, noise and augmentation
     min_city_photos: int = 50                 # cities with fewer training photos share the "(any city)" class, which also serves unknown cities
+    mode_seeking: float | None = None         # weight of the mode-seeking term in G's loss (MSGAN; 0 = off); None = the model's recipe, else 0
     any_city_p: float | None = None           # fraction of all photos also shown as "(any city)", so that class learns every city's mix; None = the model's recipe, else 0
     model_kwargs: dict = field(default_factory=dict)  # extra arguments of the model's builder (widths, z_dim, ...)
     snapshot_every: int = 20_000              # images between checkpoints (one is also written at the start and the end)
@@ -89,7 +90,7 @@ class TrainConfig:
 
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
-              "ema_rampup", "seed", "min_city_photos", "any_city_p", "model_kwargs", "grid_rows", "grid_seeds")
+              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "model_kwargs", "grid_rows", "grid_seeds")
 DEFAULT_BATCH = 64
 DEFAULT_EMA_KIMG = 10.0
 DEFAULT_LR = 2e-4
@@ -116,7 +117,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     recipe = models.recipe(config.model)
     values = asdict(config)
     values["res"] = tuple(config.res)
-    for key in ("batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg", "any_city_p"):
+    for key in ("batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg", "any_city_p", "mode_seeking"):
         if values[key] is None:
             values[key] = recipe.get(key)
     values["batch"] = int(values["batch"] if values["batch"] is not None else DEFAULT_BATCH)
@@ -127,6 +128,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     values["augment"] = values["augment"] or ""
     values["mirror"] = bool(values["mirror"])
     values["any_city_p"] = float(values["any_city_p"] or 0.0)
+    values["mode_seeking"] = float(values["mode_seeking"] or 0.0)
     cfg = TrainConfig(**values)
     if cfg.loss not in ("bce", "hinge"):
         raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
@@ -142,6 +144,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("--kimg and --minutes must be positive")
     if cfg.kimg is None and cfg.minutes is None:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
+    if cfg.mode_seeking < 0:
+        raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
     if cfg.amp not in ("bf16", "fp16", "off"):
         raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
     return cfg
@@ -260,6 +264,28 @@ def d_loss(kind: str, real_logits, fake_logits) -> torch.Tensor:
     else:
         parts = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake)]
     return sum(parts) / len(parts)
+
+
+def pair_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels whose second half repeats the first, so fake i and fake i + N/2 share a city."""
+    half = labels.shape[0] // 2
+    out = labels.clone()
+    out[half:2 * half] = labels[:half]
+    return out
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN (Mao et al., CVPR 2019): penalise fakes that differ less than their latents do.
+
+    Pairs fake i with fake i + N/2 (same city, see pair_labels); the term is the mean over
+    pairs of 1 / (mean |x1 - x2| / mean |z1 - z2|), large when two latents give one image.
+    """
+    half = fake.shape[0] // 2
+    if half == 0:
+        return fake.new_zeros(())
+    dx = (fake[:half].float() - fake[half:2 * half].float()).abs().flatten(1).mean(1)
+    dz = (z[:half].float() - z[half:2 * half].float()).abs().mean(1)
+    return (1.0 / (dx / dz + 1e-5)).mean()
 
 
 def g_loss(kind: str, fake_logits) -> torch.Tensor:
@@ -506,15 +532,17 @@ class StepNets:
 
 
 def train_step(n: StepNets, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, loss: str, aug,
-               autocast) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast, mode_seeking: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One D update, then one G update; returns (loss_d, loss_g) of this process.
 
     One G forward serves both updates, as in the reference DCGAN loop; fakes are drawn for the
-    real photos' cities. `aug` (DiffAugment or identity) sees real and fake alike.
+    real photos' cities (with mode seeking: the first half's cities, twice, so fakes come in
+    same-city pairs). `aug` (DiffAugment or identity) sees real and fake alike.
     """
+    fake_labels = pair_labels(labels) if mode_seeking else labels
     with autocast():
-        fake = n.G_train(z, labels)
-        loss_d = d_loss(loss, n.D_train(aug(real), labels), n.D_train(aug(fake.detach()), labels))
+        fake = n.G_train(z, fake_labels)
+        loss_d = d_loss(loss, n.D_train(aug(real), labels), n.D_train(aug(fake.detach()), fake_labels))
     n.opt_d.zero_grad(set_to_none=True)
     n.scaler_d.scale(loss_d).backward()
     n.scaler_d.step(n.opt_d)
@@ -524,7 +552,9 @@ def train_step(n: StepNets, real: torch.Tensor, labels: torch.Tensor, z: torch.T
         p.requires_grad_(False)
     try:
         with autocast():   # through the plain D: its gradients are neither needed nor synced
-            loss_g = g_loss(loss, n.D(aug(fake), labels))
+            loss_g = g_loss(loss, n.D(aug(fake), fake_labels))
+            if mode_seeking:
+                loss_g = loss_g + mode_seeking * mode_seeking_loss(fake, z)
         n.opt_g.zero_grad(set_to_none=True)
         n.scaler_g.scale(loss_g).backward()
         n.scaler_g.step(n.opt_g)
@@ -551,6 +581,7 @@ def _prepare_run(ws: Workspace, config: TrainConfig, dd: Dist) -> tuple[Path, Tr
         if not (run_dir / "config.json").is_file():
             raise NeighbourhoodsError(f"nothing to resume: {run_dir} has no config.json; drop --resume to start it")
         saved = _config_from_json(read_config(run_dir))
+        saved.setdefault("mode_seeking", 0.0)   # runs from before the option trained without the term
         passed = asdict(config)
         ignored = [k for k in RUN_FIELDS if k in saved and passed[k] is not None
                    and passed[k] != getattr(TrainConfig(), k) and _canon(passed[k]) != _canon(saved[k])]
@@ -782,7 +813,7 @@ def _train(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             labels = labels.to(device, non_blocking=True)
             z = torch.randn(batch_local, G.z_dim, device=device)
 
-            loss_d, loss_g = train_step(step_nets, real, labels, z, cfg.loss, aug, autocast)
+            loss_d, loss_g = train_step(step_nets, real, labels, z, cfg.loss, aug, autocast, cfg.mode_seeking)
 
             stats = torch.stack([loss_d.detach().float(), loss_g.detach().float()]).cpu()
             stop = float(time.monotonic() >= deadline or interrupted["flag"])

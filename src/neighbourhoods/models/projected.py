@@ -53,6 +53,7 @@ TRAIN_DEFAULTS = {
     "betas": (0.0, 0.99),    # beta1 0: no momentum, the usual choice for hinge/projected GANs
     "ema_kimg": 10.0,        # with train's ema_rampup 0.05 the EMA is short early, long later
     "mirror": True,          # house fronts read the same mirrored: twice the data for free
+    "mode_seeking": 0.3,     # MSGAN term: without it every seed of a city drew the same house (docs/model.md)
     "any_city_p": 0.0,       # untested beyond a smoke run; the (any city) class gets the small cities only
     "batch": 32,             # at CPU budgets (~10-30k images) twice the updates of 64 matter more than smoother gradients
 }
