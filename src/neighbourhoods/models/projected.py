@@ -14,9 +14,8 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
   2018): each head's logit is a plain linear term plus <embed(city), features>.
   The feature net sees the image at its native resolution (64x64 costs 12x less than the
   224x224 the net was trained at); `feature_res` > 1 upsamples first, at that price.
-- Measured (bench/quality.py, 20 CPU-minutes at 64x64 on SoCal): KID 0.146 vs dcgan's 0.452,
-  recognisable houses, but one house per city whatever the seed (within-city mode collapse,
-  open; see docs/model.md).
+- Training adds a mode-seeking term to G's loss (MSGAN; train.py, TRAIN_DEFAULTS below):
+  without it every seed of a city drew the same house (docs/model.md has the measurements).
 - Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
   octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
 
