@@ -3,6 +3,7 @@
     python bench/quality.py                                   # 20 CPU-minutes per model, 64x64
     python bench/quality.py --minutes 3 --samples 500         # a quick look
     python bench/quality.py --res 96x128 --minutes 8 --device cuda
+    python bench/quality.py --seed 1 --workspace WS --out bench/results/quality-seed1.json   # another seed
 
 On ../shared/data/socal (real SoCal listing exteriors with their cities):
 1. ingest into a fresh workspace (or --workspace, reused if already ingested) with a fixed
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
     p.add_argument("--models", default="dcgan,projected", help="comma-separated registered model names")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's recipe, else train's default)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every model (weights, data order, noise)")
     p.add_argument("--samples", type=int, default=2000, help="generated images scored per model")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"data": str(args.data), "workspace": str(ws_root), "res": list(args.res),
               "minutes_per_model": args.minutes, "train_photos": len(train_split), "holdout_photos": len(holdout),
-              "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "torch": torch.__version__,
+              "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "seed": args.seed, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "device": args.device, "load_average_start": os.getloadavg(), "models": {},
               "note": "each model's scoring runs in a child process while the next model trains "
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = mp.get_context("spawn")
     scorers = []
     for model in args.models.split(","):
-        config = TrainConfig(model=model, res=args.res, run=f"quality-{model}-{res_name(args.res)}",
+        run_name = f"quality-{model}-{res_name(args.res)}" + (f"-seed{args.seed}" if args.seed else "")
+        config = TrainConfig(model=model, res=args.res, run=run_name, seed=args.seed,
                              kimg=None, minutes=args.minutes, device=args.device,
                              # None: each model's recipe batch (the default model 32, dcgan 64 like
                              # pytorch's DCGAN example); --batch overrides for all
