@@ -28,14 +28,10 @@ def _noise(seeds, z_dim):
     return noise_for_seeds(list(seeds), z_dim)
 
 
-def _to_uint8(x):
-    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8, as runs.to_uint8 converts."""
-    import torch
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def _wrapper(model):
     import torch
+
+    from .runs import to_uint8_tensor
 
     class Uint8Generator(torch.nn.Module):
         def __init__(self):
@@ -43,7 +39,7 @@ def _wrapper(model):
             self.g = model
 
         def forward(self, z, labels):
-            return _to_uint8(self.g(z, labels))
+            return to_uint8_tensor(self.g(z, labels))
 
     return Uint8Generator().eval()
 
@@ -128,9 +124,8 @@ def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 1
     import os
 
     import torch
-    from PIL import Image
 
-    from .generate import encode
+    from .generate import thumbnail
     from .upscale import get_upscaler
 
     src = load_exported(path)
@@ -151,7 +146,7 @@ def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 1
                 post_imgs = (list(imgs) * 32)[:max(32, b)]   # enough images for a stable mean
                 t0 = time.perf_counter()
                 for img in post_imgs:
-                    encode(up.resize(Image.fromarray(img), size), fmt)
+                    thumbnail(img, size, fmt, up)
                 post = (time.perf_counter() - t0) / len(post_imgs)
                 gen_s = float(np.median(times))
                 rows.append({"threads": t, "batch": b, "upscale": up.name, "ms_per_batch": 1000 * gen_s, "ms_per_image": 1000 * gen_s / b,

@@ -107,10 +107,15 @@ def noise_for_seeds(seeds: list[int], z_dim: int) -> torch.Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, z_dim)
 
 
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8 tensor (also inside exported graphs)."""
+    x = (images.float().clamp(-1, 1) + 1) * 127.5
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8."""
-    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
-    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """N x 3 x H x W in [-1, 1] -> N x H x W x 3 uint8 array."""
+    return to_uint8_tensor(images.detach()).cpu().numpy()
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import NeighbourhoodsError
 from .generate import (FORMATS, MAX_SEED, PIPELINE_VERSION, Guard, NoNovelSample, Source, UnknownCity,
-                       encode, parse_format, parse_size, render_samples)
+                       parse_format, parse_size, render_samples, thumbnail)
 
 log = logging.getLogger("neighbourhoods.serve")
 
@@ -210,13 +210,9 @@ class Thumbnails:
             return data
         s = await self.sample(class_index, seed)
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self._encoder, self._postprocess, s.image, size, fmt)
+        data = await loop.run_in_executor(self._encoder, thumbnail, s.image, size, fmt, self.upscaler)
         self.cache.put(key, data)
         return data
-
-    def _postprocess(self, image, size, fmt) -> bytes:
-        from PIL import Image
-        return encode(self.upscaler.resize(Image.fromarray(image), size), fmt)
 
     def stats(self) -> dict:
         return {"cache": self.cache.stats(), "sample_cache": self.samples.stats(),
