@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from .errors import NeighbourhoodsError
+from .generate import cover_box
 
 NAMES = ("bicubic", "lanczos", "lanczos-sharp", "espcn")
 # The measured best (docs/serve.md, "Upscaling"): espcn where the workspace has its weights,
@@ -31,11 +32,6 @@ NAMES = ("bicubic", "lanczos", "lanczos-sharp", "espcn")
 DEFAULT = "espcn"
 FALLBACK = "lanczos"
 SR_FILE = "espcn-x2.safetensors"
-
-
-def _box(src_wh, dst_wh):
-    from .generate import cover_box
-    return cover_box(src_wh, dst_wh)
 
 
 @dataclass
@@ -49,7 +45,7 @@ class Resample:
         return self.name
 
     def resize(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
-        out = img.convert("RGB").resize(size, self.filter, box=_box(img.size, size))
+        out = img.convert("RGB").resize(size, self.filter, box=cover_box(img.size, size))
         if self.sharpen:
             scale = max(size[0] / img.width, size[1] / img.height)
             if scale > 1.2:
@@ -115,7 +111,7 @@ class SRUpscaler:
         while max(size[0] / arr.shape[1], size[1] / arr.shape[0]) > 1.2 and arr.shape[0] * arr.shape[1] < 2**20:
             arr = self._pass(arr)
         big = Image.fromarray(arr)
-        return big.resize(size, Image.LANCZOS, box=_box(big.size, size))
+        return big.resize(size, Image.LANCZOS, box=cover_box(big.size, size))
 
 
 def sr_dir(workspace) -> Path:
@@ -187,7 +183,7 @@ def train_sr(workspace, photos, cfg: SRConfig | None = None, max_photos: int = 2
                 # the scale of content in a thumbnail, not of the original photo, is what SR must learn
                 size = tuple(cfg.hr_size)
                 if im.width >= size[0] // 2 and im.height >= size[1] // 2:
-                    hr.append(np.asarray(im.resize(size, Image.LANCZOS, box=_box(im.size, size))))
+                    hr.append(np.asarray(im.resize(size, Image.LANCZOS, box=cover_box(im.size, size))))
         except OSError:
             continue
     if not hr:
@@ -225,6 +221,3 @@ def train_sr(workspace, photos, cfg: SRConfig | None = None, max_photos: int = 2
     atomic_write_json((out / SR_FILE).with_suffix(".json"), meta)
     return meta
 
-
-def scale_factor(src_hw: tuple[int, int], size: tuple[int, int]) -> float:
-    return max(size[0] / src_hw[1], size[1] / src_hw[0])
