@@ -43,12 +43,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neighbourhoods import inception, metrics, runs  # noqa: E402
-from neighbourhoods.eval_features import split_features  # noqa: E402
+from neighbourhoods.nets import inception
+from neighbourhoods.metrics import scores as metrics
+from neighbourhoods.models import runs  # noqa: E402
+from neighbourhoods.metrics.features import split_features  # noqa: E402
 from neighbourhoods.ingest import ingest  # noqa: E402
-from neighbourhoods.prepared import load_split  # noqa: E402
+from neighbourhoods.core.prepared import load_split  # noqa: E402
 from neighbourhoods.train import TrainConfig, save_grid, train  # noqa: E402
-from neighbourhoods.workspace import Workspace, atomic_write_json, parse_res, res_name  # noqa: E402
+from neighbourhoods.core.workspace import Workspace, atomic_write_json  # noqa: E402
+from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
 
 HOLDOUT = 0.15
 GRID_CITIES = 8

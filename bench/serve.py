@@ -61,7 +61,7 @@ def _measured(server, coro) -> dict:
 
 def _toy_run(root: Path) -> tuple[Path, str]:
     from neighbourhoods.ingest import ingest
-    from neighbourhoods.toytown import draw_toytown
+    from neighbourhoods.demo.toytown import draw_toytown
     from neighbourhoods.train import TrainConfig, train
 
     photos, labels = draw_toytown(root / "toytown", per_city=30)
@@ -185,7 +185,7 @@ def main() -> None:
               "met": cached["errors"] == 0 and uncached["errors"] == 0 and cached["p99_ms"] < 250}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from neighbourhoods.workspace import atomic_write_json
+    from neighbourhoods.core.workspace import atomic_write_json
     atomic_write_json(out, result)
     print(f"server CPU per request: cached {cached.get('server_cpu_ms_per_request', float('nan')):.2f} ms, "
           f"uncached {uncached.get('server_cpu_ms_per_request', float('nan')):.1f} ms; "

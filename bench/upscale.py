@@ -28,10 +28,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from neighbourhoods import catalog, inception, metrics  # noqa: E402
+from neighbourhoods.core import catalog
+from neighbourhoods.nets import inception
+from neighbourhoods.metrics import scores as metrics  # noqa: E402
 from neighbourhoods.generate import cover_box  # noqa: E402
 from neighbourhoods.upscale import NAMES, SR_FILE, SRConfig, get_upscaler, sr_dir, train_sr  # noqa: E402
-from neighbourhoods.workspace import atomic_write_json  # noqa: E402
+from neighbourhoods.core.workspace import atomic_write_json  # noqa: E402
 
 
 def _fill(path: Path, size: tuple[int, int]) -> Image.Image:

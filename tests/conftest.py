@@ -27,7 +27,7 @@ def served_run(tmp_path_factory):
     Shared by the generate/serve/gallery tests (owned by `serve`); small so the session stays fast.
     """
     from neighbourhoods.ingest import ingest
-    from neighbourhoods.toytown import draw_toytown
+    from neighbourhoods.demo.toytown import draw_toytown
 
     root = tmp_path_factory.mktemp("served")
     photos, labels = draw_toytown(root / "toytown", per_city=12)

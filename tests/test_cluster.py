@@ -15,17 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from neighbourhoods import catalog
+from neighbourhoods.core import catalog
 from neighbourhoods.cli import main
 from neighbourhoods.cluster import ClusterConfig, cluster, select, selected_paths
-from neighbourhoods.embed import embed_photos, embeddings_dir, load_embeddings
-from neighbourhoods.errors import NeighbourhoodsError
-from neighbourhoods.features import (efficientnet_features, efficientnet_input, imagenet_probs_from_pooled,
+from neighbourhoods.cluster.embed import embed_photos, embeddings_dir, load_embeddings
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.nets.efficientnet import (efficientnet_features, efficientnet_input, imagenet_probs_from_pooled,
                                      load_efficientnet_lite0)
 from neighbourhoods.ingest import ingest
-from neighbourhoods.prepared import load_split
-from neighbourhoods.toytown import draw_toytown
-from neighbourhoods.workspace import open_workspace
+from neighbourhoods.core.prepared import load_split
+from neighbourhoods.demo.toytown import draw_toytown
+from neighbourhoods.core.workspace import open_workspace
 
 RES = 96  # toy-town photos are 128x96; 64 px is too small for the network to call rooms rooms
 
@@ -154,8 +154,8 @@ def test_embedding_run_killed_midway_resumes_where_it_stopped(clustered, tmp_pat
     shutil.copytree(ws, copy, ignore=shutil.ignore_patterns("embeddings"))
     script = (
         "import os, signal, sys\n"
-        "from neighbourhoods.embed import embed_photos\n"
-        "from neighbourhoods.workspace import open_workspace\n"
+        "from neighbourhoods.cluster.embed import embed_photos\n"
+        "from neighbourhoods.core.workspace import open_workspace\n"
         "embed_photos(open_workspace(sys.argv[1]), res=int(sys.argv[2]), batch_size=8, chunk_batches=1,\n"
         "             progress=False, on_chunk=lambda done: done >= 16 and os.kill(os.getpid(), signal.SIGKILL))\n")
     proc = subprocess.run([sys.executable, "-c", script, str(copy), str(RES)], capture_output=True, timeout=300)

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from neighbourhoods import runs
+from neighbourhoods.models import runs
 from test_train import TINY, make_toy_workspace
 
 from neighbourhoods.train import TrainConfig

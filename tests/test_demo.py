@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from neighbourhoods import catalog
+from neighbourhoods.core import catalog
 from neighbourhoods.cli import main
 from neighbourhoods.demo import demo
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from neighbourhoods import cli
-from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.generate import (GenerateConfig, Guard, NoNovelSample, Source, cover_box, derived_seed,
                                      generate, load_source, parse_size, render_samples, thumbnail)
 from neighbourhoods.upscale import NAMES, SRConfig, get_upscaler, train_sr
@@ -89,8 +89,8 @@ def test_guard_gives_up_with_a_clear_error_when_every_attempt_is_a_copy(source):
 
 def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
     from neighbourhoods.generate import load_guard
-    from neighbourhoods.prepared import load_split
-    from neighbourhoods.workspace import open_workspace
+    from neighbourhoods.core.prepared import load_split
+    from neighbourhoods.core.workspace import open_workspace
 
     ws, _ = served_run
     guard = load_guard(ws, source)
@@ -144,7 +144,7 @@ def test_generate_cli_names_close_matches_for_an_unknown_city(served_run, tmp_pa
 
 
 def test_default_upscaler_without_sr_weights_is_the_best_weightless_one(tmp_path):
-    from neighbourhoods import catalog
+    from neighbourhoods.core import catalog
 
     catalog.connect(tmp_path / "catalog.sqlite").close()
     assert get_upscaler(None, workspace=tmp_path).name == "lanczos"
@@ -153,7 +153,7 @@ def test_default_upscaler_without_sr_weights_is_the_best_weightless_one(tmp_path
 
 
 def test_sr_upscaler_trains_on_photos_and_loads_from_safetensors(served_run, tmp_path):
-    from neighbourhoods import catalog
+    from neighbourhoods.core import catalog
 
     photos = served_run[0].parent / "toytown" / "photos"
     ws = tmp_path / "ws"      # its own workspace: the shared run keeps the weightless default

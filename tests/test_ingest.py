@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from neighbourhoods.cli import main
-from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.ingest import ingest
-from neighbourhoods.prepared import load_split
-from neighbourhoods.workspace import Workspace
+from neighbourhoods.core.prepared import load_split
+from neighbourhoods.core.workspace import Workspace
 
 
 def photo(size=(80, 60), seed=0) -> Image.Image:
@@ -374,7 +374,7 @@ def test_near_duplicates_share_the_split_of_their_original(tmp_path):
 
 
 def test_a_file_that_vanishes_before_it_is_read_is_missing_not_a_crash(tmp_path):
-    from neighbourhoods.decode import DecodeSettings, decode_one
+    from neighbourhoods.ingest.decode import DecodeSettings, decode_one
     result = decode_one((7, str(tmp_path / "gone.jpg"), DecodeSettings(res=((32, 32),))))
     assert (result["status"], result["reason"]) == ("rejected", "missing")
 

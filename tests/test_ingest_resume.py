@@ -14,7 +14,7 @@ import sys
 import time
 
 from neighbourhoods.ingest import ingest
-from neighbourhoods.toytown import draw_toytown
+from neighbourhoods.demo.toytown import draw_toytown
 
 RES = ["64x64", "48x64"]
 

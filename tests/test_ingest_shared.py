@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from neighbourhoods.ingest import ingest
-from neighbourhoods.prepared import load_split
-from neighbourhoods.workspace import Workspace
+from neighbourhoods.core.prepared import load_split
+from neighbourhoods.core.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 

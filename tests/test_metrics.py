@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from neighbourhoods import inception, metrics
-from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.nets import inception
+from neighbourhoods.metrics import scores as metrics
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 
 # --- plain-numpy references: the textbook formulas, written as directly as possible ----------

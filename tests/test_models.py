@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neighbourhoods.augment import diffaugment, parse_policy
+from neighbourhoods.train.augment import diffaugment, parse_policy
 from neighbourhoods.models import projected
 
 

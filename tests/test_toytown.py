@@ -7,7 +7,7 @@ import csv
 import numpy as np
 from PIL import Image
 
-from neighbourhoods.toytown import SIZE, draw_toytown
+from neighbourhoods.demo.toytown import SIZE, draw_toytown
 
 
 def _rows(labels_csv):

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neighbourhoods import runs, train as train_mod
+from neighbourhoods.models import runs
+from neighbourhoods import train as train_mod
 from neighbourhoods.cli import main
-from neighbourhoods.errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.train import TrainConfig, class_map, ema_beta, train
-from neighbourhoods.workspace import open_workspace
+from neighbourhoods.core.workspace import open_workspace
 
 TINY = {
     "dcgan": {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
@@ -31,7 +32,7 @@ TINY = {
 def make_toy_workspace(root: Path, res=((32, 32), (48, 64))) -> Path:
     """Toy town (3 cities x 12 photos + 'Tinyville' with 3) ingested at `res`; no holdout."""
     from neighbourhoods.ingest import ingest
-    from neighbourhoods.toytown import draw_toytown
+    from neighbourhoods.demo.toytown import draw_toytown
 
     photos, labels = draw_toytown(root / "toytown", cities=("Pinecrest", "Sunvale", "Harborview"), per_city=12)
     extra, extra_labels = draw_toytown(root / "tiny", cities=("Tinyville",), per_city=3, seed=1)

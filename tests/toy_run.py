@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from neighbourhoods.workspace import Workspace
+from neighbourhoods.core.workspace import Workspace
 
 RES = (32, 32)
 CITIES = ("Pinecrest", "Sunvale", "Harborview")
@@ -30,7 +30,7 @@ class ToyRun:
 
 def toy_run(tmp_path_factory) -> ToyRun:
     from neighbourhoods.ingest import ingest
-    from neighbourhoods.toytown import draw_toytown
+    from neighbourhoods.demo.toytown import draw_toytown
     from neighbourhoods.train import TrainConfig, train
 
     root = tmp_path_factory.getbasetemp() / "evaluate-toy-run"

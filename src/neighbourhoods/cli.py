@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-from .errors import NeighbourhoodsError
-from .workspace import parse_res
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import parse_res
 
 
 def _print_json(obj) -> None:
@@ -43,7 +43,7 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(args) -> None:
-    from .ingest import ingest
+    from neighbourhoods.ingest import ingest
 
     summary = ingest(args.photos, args.workspace, labels=args.labels, file_column=args.file_column,
                      label_column=args.label_column, res=args.res or [(64, 64)], fit=args.fit,
@@ -72,7 +72,7 @@ def _add_cluster(sub) -> None:
 
 
 def _run_cluster(args) -> None:
-    from .cluster import ClusterConfig, cluster
+    from neighbourhoods.cluster import ClusterConfig, cluster
 
     config = ClusterConfig(k=args.k, res=args.res, extractor=args.extractor, seed=args.seed,
                            batch_size=args.batch_size, workers=args.workers)
@@ -95,7 +95,7 @@ def _add_select(sub) -> None:
 
 
 def _run_select(args) -> None:
-    from .cluster import select, selected_paths
+    from neighbourhoods.cluster import select, selected_paths
 
     if args.clusters is None and args.auto is None and not args.list:
         raise NeighbourhoodsError("give --clusters (e.g. 0,2), --auto exteriors, or --list")
@@ -129,7 +129,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> None:
-    from .demo import demo
+    from neighbourhoods.demo import demo
 
     if args.labels and not args.data:
         raise NeighbourhoodsError("--labels needs --data (the built-in toy town has its own labels)")
@@ -161,7 +161,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> None:
-    from .generate import GenerateConfig, describe, generate, parse_size
+    from neighbourhoods.generate import GenerateConfig, describe, generate, parse_size
 
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=parse_size(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
@@ -191,7 +191,7 @@ def _add_serve(sub) -> None:
 
 
 def _run_serve(args) -> None:
-    from .serve import ServeConfig, serve
+    from neighbourhoods.serve import ServeConfig, serve
 
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
                       torch_threads=args.threads, max_side=args.max_side)
@@ -211,7 +211,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> None:
-    from .export import export
+    from neighbourhoods.export import export
 
     result = export(args.workspace, args.run, args.out, bench=args.bench)
     if args.json:
@@ -236,7 +236,7 @@ def _add_upscale(sub) -> None:
 
 
 def _run_upscale(args) -> None:
-    from .upscale import SRConfig, train_sr
+    from neighbourhoods.upscale import SRConfig, train_sr
 
     meta = train_sr(args.workspace, args.train, SRConfig(steps=args.steps), progress=not args.json)
     if args.json:
@@ -282,7 +282,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> None:
-    from .train import TrainConfig, train
+    from neighbourhoods.train import TrainConfig, train
 
     names = ("res", "model", "kimg", "minutes", "batch", "run", "device", "amp", "seed", "lr_g", "lr_d", "augment",
              "mirror", "ema_kimg", "mode_seeking", "min_city_photos", "snapshot_every", "sample_every", "kid_every", "num_workers",
@@ -309,7 +309,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> None:
-    from .evaluate import EvaluateConfig, describe, evaluate
+    from neighbourhoods.evaluate import EvaluateConfig, describe, evaluate
 
     config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device)
     result = evaluate(args.workspace, args.run, config, progress=not args.json)
@@ -329,7 +329,7 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> None:
-    from .report import write_report
+    from neighbourhoods.report import write_report
 
     print(write_report(args.workspace, args.run, out=args.out, seeds=args.seeds))
 

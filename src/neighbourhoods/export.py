@@ -18,20 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import NeighbourhoodsError
-from .generate import Source
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.generate import Source
 
 
 def _noise(seeds, z_dim):
     """The latent of each seed, exactly as runs.sample draws it."""
-    from .runs import noise_for_seeds
+    from neighbourhoods.models.runs import noise_for_seeds
     return noise_for_seeds(list(seeds), z_dim)
 
 
 def _wrapper(model):
     import torch
 
-    from .runs import to_uint8_tensor
+    from neighbourhoods.models.runs import to_uint8_tensor
 
     class Uint8Generator(torch.nn.Module):
         def __init__(self):
@@ -47,9 +47,9 @@ def _wrapper(model):
 def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> dict:
     import torch
 
-    from . import runs
-    from .generate import _weights_fingerprint
-    from .workspace import atomic_path, atomic_write_json, open_workspace
+    from neighbourhoods.models import runs
+    from neighbourhoods.generate import _weights_fingerprint
+    from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
 
     out = Path(out)
     if out.suffix != ".pt2":
@@ -78,7 +78,7 @@ def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> d
     diff = int(np.abs(ref.astype(np.int16) - got.astype(np.int16)).max())
     result = {"path": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff, **meta}
     if bench:
-        from .upscale import get_upscaler
+        from neighbourhoods.upscale import get_upscaler
         result["latency"] = benchmark(out, upscaler=get_upscaler(None, workspace=ws.root))
     return result
 
@@ -125,8 +125,8 @@ def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 1
 
     import torch
 
-    from .generate import thumbnail
-    from .upscale import get_upscaler
+    from neighbourhoods.generate import thumbnail
+    from neighbourhoods.upscale import get_upscaler
 
     src = load_exported(path)
     up = upscaler if upscaler is not None else get_upscaler(None)

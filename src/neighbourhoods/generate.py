@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 MAX_SIDE = 1024          # largest thumbnail side served or written, in pixels
 MIN_SIDE = 8             # smallest
@@ -131,10 +131,10 @@ def load_source(workspace, run: str, device: str = "cpu", batch_size: int = 64) 
     """A run (name under WS/runs or a path) via runs.load_generator, or an exported .pt2 file."""
     path = Path(run)
     if path.suffix == ".pt2" or path.is_file():
-        from .export import load_exported
+        from neighbourhoods.export import load_exported
         return load_exported(path)
-    from . import runs
-    from .workspace import open_workspace
+    from neighbourhoods.models import runs
+    from neighbourhoods.core.workspace import open_workspace
 
     ws = open_workspace(workspace)
     run_dir = runs.resolve_run(ws, run)
@@ -164,8 +164,8 @@ def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool 
     The first call embeds every training and held-out photo (a progress bar; cached in
     WS/embeddings), later ones read the cache.
     """
-    from . import novelty
-    from .workspace import open_workspace
+    from neighbourhoods.metrics import novelty
+    from neighbourhoods.core.workspace import open_workspace
 
     ws = open_workspace(workspace)
     try:
@@ -243,7 +243,7 @@ def encode(img: Image.Image, fmt: str) -> bytes:
 
 def thumbnail(image: np.ndarray, size: tuple[int, int], fmt: str, upscaler=None) -> bytes:
     """Sample (H x W x 3 uint8) -> encoded thumbnail of `size` (W, H), cropped to fill."""
-    from .upscale import get_upscaler
+    from neighbourhoods.upscale import get_upscaler
 
     up = upscaler if upscaler is not None else get_upscaler(None)
     img = up.resize(Image.fromarray(np.ascontiguousarray(image)), size)
@@ -293,8 +293,8 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     """Write thumbnails per city, a grid per city and manifest.json into out_dir; return the manifest."""
     from tqdm import tqdm
 
-    from .upscale import get_upscaler
-    from .workspace import atomic_path, atomic_write_bytes, atomic_write_json
+    from neighbourhoods.upscale import get_upscaler
+    from neighbourhoods.core.workspace import atomic_path, atomic_write_bytes, atomic_write_json
 
     if config.n < 1 or config.n > 100_000:
         raise NeighbourhoodsError(f"-n must be between 1 and 100000, got {config.n}")

@@ -25,10 +25,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import catalog, runs
-from .errors import NeighbourhoodsError
-from .evaluate import eval_dir, latest_evaluation
-from .workspace import Workspace, atomic_write_text, open_workspace, res_name
+from neighbourhoods.core import catalog
+from neighbourhoods.models import runs
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.evaluate import eval_dir, latest_evaluation
+from neighbourhoods.core.workspace import Workspace, atomic_write_text, open_workspace
+
+from neighbourhoods.core.resolution import res_name
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

@@ -28,8 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import NeighbourhoodsError
-from .generate import (FORMATS, MAX_SEED, PIPELINE_VERSION, Guard, NoNovelSample, Source, UnknownCity,
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.generate import (FORMATS, MAX_SEED, PIPELINE_VERSION, Guard, NoNovelSample, Source, UnknownCity,
                        parse_format, parse_size, render_samples, thumbnail)
 
 log = logging.getLogger("neighbourhoods.serve")
@@ -395,8 +395,8 @@ init();
 def build(workspace, run: str, config: ServeConfig | None = None, upscale: str | None = None,
           novelty: bool = True) -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
-    from .generate import load_guard, load_source
-    from .upscale import get_upscaler
+    from neighbourhoods.generate import load_guard, load_source
+    from neighbourhoods.upscale import get_upscaler
 
     config = config or ServeConfig()
     import torch

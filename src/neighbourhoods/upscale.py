@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .errors import NeighbourhoodsError
-from .generate import cover_box
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.generate import cover_box
 
 NAMES = ("bicubic", "lanczos", "lanczos-sharp", "espcn")
 # The measured best (docs/serve.md, "Upscaling"): espcn where the workspace has its weights,
@@ -115,7 +115,7 @@ class SRUpscaler:
 
 
 def sr_dir(workspace) -> Path:
-    from .workspace import open_workspace
+    from neighbourhoods.core.workspace import open_workspace
     return open_workspace(workspace).root / "upscale"
 
 
@@ -168,7 +168,7 @@ def train_sr(workspace, photos, cfg: SRConfig | None = None, max_photos: int = 2
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .workspace import atomic_path, atomic_write_json
+    from neighbourhoods.core.workspace import atomic_path, atomic_write_json
 
     cfg = cfg or SRConfig()
     rng = np.random.default_rng(cfg.seed)

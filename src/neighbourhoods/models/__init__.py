@@ -14,6 +14,8 @@ A model module may define, beside `build`:
     AUGMENT_POLICY = "color,..."        DiffAugment applied to real and fake images before D
     TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
     build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
+    MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
+                                        base sides 3..MAX_BASE_SIDE (None: no upper bound)
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from types import ModuleType
 
 from torch import nn
 
-from ..errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import Resolution, level_rule
 
 MODELS = ("projected", "dcgan")   # registered names; the first is the default
 
@@ -66,3 +69,23 @@ def recipe(model_name: str) -> dict:
            "augment": getattr(module, "AUGMENT_POLICY", "")}
     out.update(getattr(module, "TRAIN_DEFAULTS", {}))
     return out
+
+
+def check_res(res, model_name: str | None = None) -> Resolution:
+    """`res` as a Resolution if `model_name` (or, with None, any registered model) can build it.
+
+    The one place resolutions are validated: `ingest --res` asks for any model, `train` for its
+    own, both before touching data. NeighbourhoodsError naming what the models accept otherwise.
+    """
+    res = Resolution.parse(res)
+    rules = []
+    for name in ([model_name] if model_name is not None else MODELS):
+        module = _module(name)
+        min_levels, max_base = getattr(module, "MIN_LEVELS", 0), getattr(module, "MAX_BASE_SIDE", None)
+        try:
+            res.up_levels(min_levels, max_base)
+            return res
+        except ValueError:
+            rules.append(f"{name} needs {level_rule(min_levels, max_base)}")
+    who = "no model can train" if model_name is None else f"model {model_name!r} cannot train"
+    raise NeighbourhoodsError(f"{who} at {res.name}: {'; '.join(rules)} (e.g. 32x32, 64x64, 48x64, 96x128, 192x256)")

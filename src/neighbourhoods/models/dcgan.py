@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from neighbourhoods.core.resolution import Resolution
+
 LOSS = "bce"
 AUGMENT_POLICY = ""   # faithful to the original: no augmentation
 TRAIN_DEFAULTS = {
@@ -26,17 +28,9 @@ TRAIN_DEFAULTS = {
 }
 
 
-def up_levels(res: tuple[int, int]) -> tuple[int, tuple[int, int]]:
-    """(k, base): res = base * 2^k with the smallest base side >= 3 (e.g. 48x64 -> 4, (3, 4))."""
-    h, w = res
-    k = 0
-    while h % 2 ** (k + 1) == 0 and w % 2 ** (k + 1) == 0 and min(h, w) // 2 ** (k + 1) >= 3:
-        k += 1
-    base = (h // 2 ** k, w // 2 ** k)
-    if k < 2 or max(base) > 8:
-        raise ValueError(f"resolution {h}x{w} is not a base of 3-8 px a side times 2^k (k >= 2); "
-                         "use e.g. 32x32, 64x64, 48x64, 96x128, 192x256")
-    return k, base
+# Resolutions it builds: base x 2^k with k >= 2 and a base of 3-8 px a side (the first layer is a
+# base-sized transposed conv from 1x1; a larger base would be one huge kernel).
+MIN_LEVELS, MAX_BASE_SIDE = 2, 8
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -53,7 +47,7 @@ class Generator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         self.res = tuple(res)
-        k, base = up_levels(res)
+        k, base = Resolution.parse(res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
         ch = [ngf * min(8, 2 ** (k - 1 - i)) for i in range(k)]   # 512, 256, 128, 64 at 64x64
         self.embed = nn.Embedding(num_classes, embed_dim)
         layers: list[nn.Module] = [
@@ -73,7 +67,7 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, num_classes: int, res: tuple[int, int], embed_dim: int = 16, ndf: int = 64):
         super().__init__()
-        k, base = up_levels(res)
+        k, base = Resolution.parse(res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
         ch = [ndf * min(8, 2 ** i) for i in range(k)]             # 64, 128, 256, 512 at 64x64
         self.embed = nn.Embedding(num_classes, embed_dim)
         layers: list[nn.Module] = [nn.Conv2d(3 + embed_dim, ch[0], 4, 2, 1, bias=False),

@@ -23,7 +23,7 @@ Contract with train.py (models/__init__.py registers this as "projected", the de
     build(num_classes, res, **kwargs) -> (G, D)
     LOSSES["projected"] = "hinge"
     AUGMENT_POLICY below: the DiffAugment policy to apply to BOTH real and fake images
-      before D (neighbourhoods.augment.diffaugment(x, AUGMENT_POLICY)).
+      before D (neighbourhoods.train.augment.diffaugment(x, AUGMENT_POLICY)).
     TRAIN_DEFAULTS: the recipe (lr, betas, EMA, mirror, batch): TrainConfig fields left at None
       take these values.
     G has BatchNorm: sample with G_ema.eval(); the EMA should copy (or average) G's buffers
@@ -42,7 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
-from ..features import load_efficientnet_lite0
+from neighbourhoods.core.resolution import Resolution
+from neighbourhoods.nets.efficientnet import load_efficientnet_lite0
 
 AUGMENT_POLICY = "color,translation,cutout"   # DiffAugment on real and fake images before D
 LOSS = "hinge"
@@ -64,16 +65,8 @@ _TAPS = (2, 4, 10, 15)
 _TAP_CHANNELS = (24, 40, 112, 320)
 
 
-def _up_levels(res: tuple[int, int]) -> int:
-    """How many 2x upsamplings from a base of >= 3 px a side reach `res` exactly."""
-    h, w = res
-    n = 0
-    while h % 2 ** (n + 1) == 0 and w % 2 ** (n + 1) == 0 and min(h, w) // 2 ** (n + 1) >= 3:
-        n += 1
-    if n < 2:
-        raise ValueError(f"resolution {h}x{w} must be a multiple of 4 on both sides and at least 12 px, "
-                         "e.g. 64x64, 48x64, 96x128")
-    return n
+# Resolutions it builds: base x 2^k with k >= 2, any base of >= 3 px a side (3x4 at 4:3).
+MIN_LEVELS, MAX_BASE_SIDE = 2, None
 
 
 # --- generator ------------------------------------------------------------------------------
@@ -160,8 +153,7 @@ class Generator(nn.Module):
         self.z_dim = z_dim
         self.num_classes = num_classes
         self.res = tuple(res)
-        levels = _up_levels(res)
-        self.base = (res[0] // 2 ** levels, res[1] // 2 ** levels)
+        levels, self.base = Resolution.parse(res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
         # Channels halve per octave from the output up: cheap high-res layers, wide low-res ones.
         ch = [min(max_channels, min_channels * 2 ** (levels - i)) for i in range(levels + 1)]
         self.channels = ch

@@ -33,11 +33,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import catalog
-from .decode import DecodeSettings, decode_one
-from .errors import NeighbourhoodsError
-from .labels import match_labels, read_labels
-from .workspace import atomic_path, atomic_write_json, open_workspace, res_name
+from neighbourhoods import models
+from neighbourhoods.core import catalog
+from neighbourhoods.ingest.decode import DecodeSettings, decode_one
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.ingest.labels import match_labels, read_labels
+from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
+
+from neighbourhoods.core.resolution import res_name
 
 PIXELS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixels (
@@ -405,7 +408,7 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
         raise NeighbourhoodsError(f"holdout must be a fraction in [0, 1), not {holdout}")
     if min_side < 1 or max_pixels < 1:
         raise NeighbourhoodsError("min_side and max_pixels must be positive")
-    res_list = tuple(dict.fromkeys(tuple(int(v) for v in r) for r in res))
+    res_list = tuple(dict.fromkeys(models.check_res(r) for r in res))   # before any file is touched
     if not res_list:
         raise NeighbourhoodsError("give at least one resolution (--res HxW)")
     settings = DecodeSettings(res=res_list, fit=fit, min_side=min_side, max_pixels=max_pixels)

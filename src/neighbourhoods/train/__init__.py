@@ -42,11 +42,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import models, prepared
-from .errors import NeighbourhoodsError
-from .runs import (ANY_CITY, generate_images, latest_checkpoint, load_state_into,
+from neighbourhoods import models
+from neighbourhoods.core import prepared
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.models.runs import (ANY_CITY, generate_images, latest_checkpoint, load_state_into,
                    load_weights, read_config)
-from .workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, fsync_path, open_workspace, res_name
+from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, fsync_path, open_workspace
+
+
+from neighbourhoods.core.resolution import res_name
 
 
 @dataclass
@@ -133,7 +137,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if cfg.loss not in ("bce", "hinge"):
         raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
     if cfg.augment:
-        from .augment import parse_policy
+        from neighbourhoods.train.augment import parse_policy
         try:
             parse_policy(cfg.augment)
         except ValueError as e:
@@ -512,7 +516,7 @@ def training_kid(ws: Workspace, config: TrainConfig, G_ema: nn.Module, class_nam
     The one call site of the evaluate stage's scorer during training (every config.kid_every
     images): same Inception features and protocol as `neighbourhoods evaluate`, fixed seeds.
     """
-    from .evaluate import training_kid as evaluate_kid
+    from neighbourhoods.evaluate import training_kid as evaluate_kid
 
     return evaluate_kid(ws, tuple(config.res), G_ema, class_names, n=config.kid_images)
 
@@ -666,7 +670,7 @@ def _train(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
 
     if cfg.augment:
-        from .augment import diffaugment
+        from neighbourhoods.train.augment import diffaugment
 
         def aug(x: torch.Tensor) -> torch.Tensor:
             return diffaugment(x, cfg.augment)

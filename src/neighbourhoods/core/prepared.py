@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import catalog
-from .errors import NeighbourhoodsError
-from .workspace import Workspace, res_name
+from neighbourhoods.core import catalog
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.workspace import Workspace
+
+
+from neighbourhoods.core.resolution import res_name
 
 
 @dataclass

@@ -34,12 +34,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import metrics, runs
-from .errors import NeighbourhoodsError
-from .eval_features import FeatureSpace, SPACES, load_space, split_features
-from .novelty import NoveltyIndex, memorisation_rate
-from .prepared import load_label_names, load_split
-from .workspace import Workspace, atomic_path, atomic_write_json, open_workspace, res_name
+from neighbourhoods.metrics import scores as metrics
+from neighbourhoods.models import runs
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.metrics.features import FeatureSpace, SPACES, load_space, split_features
+from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate
+from neighbourhoods.core.prepared import load_label_names, load_split
+from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, open_workspace
+
+
+from neighbourhoods.core.resolution import res_name
 
 
 @dataclass

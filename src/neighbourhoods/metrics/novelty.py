@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import catalog
-from .errors import NeighbourhoodsError
-from .eval_features import FeatureSpace, load_space, split_features
-from .workspace import Workspace, res_name
+from neighbourhoods.core import catalog
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.metrics.features import FeatureSpace, load_space, split_features
+from neighbourhoods.core.workspace import Workspace
+
+from neighbourhoods.core.resolution import res_name
 
 GUARD_SPACE = "efficientnet"   # the guard's default space: a third of Inception's FLOPs per image
 PERCENTILE = 99.0

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 
 @dataclass

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
-from . import catalog
-from .embed import EmbedSummary, check_res, embed_photos, get_extractor, load_embeddings
-from .errors import NeighbourhoodsError
-from .features import IMAGENET_GROUPS
-from .imagenet_classes import IMAGENET_CLASSES
-from .workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, open_workspace
+from neighbourhoods.core import catalog
+from neighbourhoods.cluster.embed import EmbedSummary, check_res, embed_photos, get_extractor, load_embeddings
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.nets.efficientnet import IMAGENET_GROUPS
+from neighbourhoods.nets.imagenet_classes import IMAGENET_CLASSES
+from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, open_workspace
 
 SUGGESTIONS = ("exteriors", "interiors", "documents", "other")
 _GROUP_SUGGESTION = {"exterior": "exteriors", "interior": "interiors", "document": "documents"}

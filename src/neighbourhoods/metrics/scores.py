@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 
 def _as_features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:

@@ -28,10 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import inception
-from .errors import NeighbourhoodsError
-from .prepared import load_split
-from .workspace import Workspace, atomic_path, res_name
+from neighbourhoods.nets import inception
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.prepared import load_split
+from neighbourhoods.core.workspace import Workspace, atomic_path
+
+from neighbourhoods.core.resolution import res_name
 
 SPACES = ("inception", "efficientnet")
 EFFICIENTNET_HW = (224, 224)
@@ -49,7 +51,7 @@ class FeatureSpace:
 
 
 def _efficientnet_space(device: str, batch_size: int) -> FeatureSpace:
-    from .features import efficientnet_pooled, load_efficientnet_lite0
+    from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
 
     # channels-last is ~2.5x faster on CPU for this network (measured), same features to 3e-5
     model = load_efficientnet_lite0().to(device).to(memory_format=torch.channels_last)

@@ -21,22 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import NeighbourhoodsError
-
-
-def parse_res(text: str) -> tuple[int, int]:
-    """'96x128' -> (96, 128): height x width, as the CLI's --res takes it."""
-    try:
-        h, w = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise NeighbourhoodsError(f"bad resolution {text!r}: expected HxW, e.g. 64x64 or 96x128") from None
-    if not (8 <= h <= 4096 and 8 <= w <= 4096):
-        raise NeighbourhoodsError(f"bad resolution {text!r}: each side must be between 8 and 4096")
-    return h, w
-
-
-def res_name(res: tuple[int, int]) -> str:
-    return f"{res[0]}x{res[1]}"
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import res_name
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .workspace import atomic_write_bytes
+from neighbourhoods.core.workspace import atomic_write_bytes
 
 SIZE = (128, 96)   # width x height of the written photos: 4:3, like listing thumbnails
 SCALE = 2          # drawn at twice the size, then downsampled with an antialiasing filter

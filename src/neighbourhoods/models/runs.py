@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import NeighbourhoodsError
-from .workspace import Workspace
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.workspace import Workspace
 
 ANY_CITY = "(any city)"   # the shared class of cities too small to train alone; serves unknown cities too
 CHECKPOINT_FILES = ("G.safetensors", "G_ema.safetensors", "D.safetensors", "state.pt")
@@ -156,7 +156,7 @@ class LoadedGenerator:
 
 def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
     """The run's latest EMA generator, from safetensors only (never unpickles anything)."""
-    from . import models
+    from neighbourhoods import models
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.fftpack  # noqa: F401  imagehash.phash imports it on first use: do it once, before forking workers
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .workspace import res_name
+from neighbourhoods.core.resolution import res_name
 
 # Rejection reasons: short, stable strings users can filter on (documented in docs/ingest.md).
 EMPTY_FILE = "empty-file"

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import ClusterConfig, ClusterSummary, cluster, select
-from .evaluate import EvaluateConfig, describe as describe_metrics, evaluate
-from .ingest import IngestSummary, ingest
-from .report import write_report
-from .serve import serve_command
-from .toytown import draw_toytown
-from .train import TrainConfig, train
+from neighbourhoods.cluster import ClusterConfig, ClusterSummary, cluster, select
+from neighbourhoods.evaluate import EvaluateConfig, describe as describe_metrics, evaluate
+from neighbourhoods.ingest import IngestSummary, ingest
+from neighbourhoods.report import write_report
+from neighbourhoods.serve import serve_command
+from neighbourhoods.demo.toytown import draw_toytown
+from neighbourhoods.train import TrainConfig, train
 
 DEMO_RES = ((64, 64), (48, 64))   # square for the quick GAN, 4:3 like listing thumbnails
 TOY_CITIES = ("Pinecrest", "Sunvale", "Harborview", "Brickton")

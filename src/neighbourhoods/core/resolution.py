@@ -1,0 +1,116 @@
+"""The two image sizes of the project, each with one parser and one name.
+
+- `Resolution` (H x W, written "96x128"): what a generator outputs and what training,
+  prepared arrays and evaluation work at. Height first, as tensors are laid out.
+- `ThumbSize` (W x H, written "256x192"): what a website asks for. Width first, as web and
+  image tools give sizes.
+
+Both are NamedTuples, so `h, w = res` and `res == (64, 64)` work wherever a plain pair did.
+Which resolutions a model can build is the model's to declare (models.check_res); the rule
+they share, res = base x 2^k, is `up_levels` here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+from neighbourhoods.core.errors import NeighbourhoodsError
+
+_PAIR = re.compile(r"\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*")
+MIN_RES_SIDE, MAX_RES_SIDE = 8, 4096       # prepared arrays / training
+MIN_THUMB_SIDE, MAX_THUMB_SIDE = 8, 1024   # thumbnails written or served
+
+
+class Resolution(NamedTuple):
+    """Height x width of generated or prepared images."""
+    h: int
+    w: int
+
+    @classmethod
+    def parse(cls, value) -> Resolution:
+        """'96x128', (96, 128) or a Resolution -> Resolution; NeighbourhoodsError otherwise."""
+        if isinstance(value, str):
+            m = _PAIR.fullmatch(value)
+            if not m:
+                raise NeighbourhoodsError(f"bad resolution {value!r}: expected HxW, e.g. 64x64 or 96x128")
+            h, w = int(m.group(1)), int(m.group(2))
+        else:
+            try:
+                h, w = (int(v) for v in value)
+            except (TypeError, ValueError):
+                raise NeighbourhoodsError(f"bad resolution {value!r}: expected (height, width)") from None
+        if not (MIN_RES_SIDE <= h <= MAX_RES_SIDE and MIN_RES_SIDE <= w <= MAX_RES_SIDE):
+            raise NeighbourhoodsError(f"bad resolution {h}x{w}: each side must be between {MIN_RES_SIDE} "
+                                      f"and {MAX_RES_SIDE}")
+        return cls(h, w)
+
+    @property
+    def name(self) -> str:
+        return f"{self.h}x{self.w}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    def up_levels(self, min_levels: int = 0, max_base_side: int | None = None) -> tuple[int, Resolution]:
+        """(k, base): self = base x 2^k, k as large as keeps every base side >= 3.
+
+        The shape every generator here grows by (64x64 -> 4, 4x4; 96x128 -> 5, 3x4). A model
+        declares what it can build with `min_levels` and `max_base_side`; ValueError otherwise.
+        """
+        k = 0
+        while (self.h % 2 ** (k + 1) == 0 and self.w % 2 ** (k + 1) == 0
+               and min(self.h, self.w) // 2 ** (k + 1) >= 3):
+            k += 1
+        base = Resolution(self.h // 2 ** k, self.w // 2 ** k)
+        if k < min_levels or (max_base_side is not None and max(base) > max_base_side):
+            raise ValueError(f"resolution {self.name} is not {level_rule(min_levels, max_base_side)} "
+                             "(e.g. 32x32, 64x64, 48x64, 96x128, 192x256)")
+        return k, base
+
+
+def level_rule(min_levels: int, max_base_side: int | None) -> str:
+    sides = f"3-{max_base_side}" if max_base_side is not None else "3 or more"
+    return (f"a base of {sides} px a side times 2^k with k >= {min_levels}, "
+            f"so each side a multiple of {2 ** min_levels}")
+
+
+class ThumbSize(NamedTuple):
+    """Width x height of a thumbnail as the website asks for it."""
+    w: int
+    h: int
+
+    @classmethod
+    def parse(cls, value, max_side: int = MAX_THUMB_SIDE) -> ThumbSize:
+        """'256x192' (width first) or (256, 192) -> ThumbSize; NeighbourhoodsError otherwise."""
+        if isinstance(value, str):
+            m = _PAIR.fullmatch(value)
+            if not m:
+                raise NeighbourhoodsError(f"bad size {value!r}: expected WxH, e.g. 256x192")
+            w, h = int(m.group(1)), int(m.group(2))
+        else:
+            try:
+                w, h = (int(v) for v in value)
+            except (TypeError, ValueError):
+                raise NeighbourhoodsError(f"bad size {value!r}: expected (width, height)") from None
+        if not (MIN_THUMB_SIDE <= w <= max_side and MIN_THUMB_SIDE <= h <= max_side):
+            raise NeighbourhoodsError(f"bad size {value!r}: each side must be between {MIN_THUMB_SIDE} "
+                                      f"and {max_side} px")
+        return cls(w, h)
+
+    @property
+    def name(self) -> str:
+        return f"{self.w}x{self.h}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_res(text: str) -> Resolution:
+    """argparse type for --res HxW."""
+    return Resolution.parse(text)
+
+
+def res_name(res) -> str:
+    """'HxW' of a Resolution or an (H, W) pair: folder and run names."""
+    return Resolution.parse(res).name
