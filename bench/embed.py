@@ -39,12 +39,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from neighbourhoods.cluster import ClusterConfig, cluster  # noqa: E402
+from neighbourhoods.cluster.embed import efficientnet_lite0_extractor, embed_photos, embeddings_dir, load_photo  # noqa: E402
 from neighbourhoods.core import catalog  # noqa: E402
-from neighbourhoods.cluster import ClusterConfig, cluster, select  # noqa: E402
-from neighbourhoods.cluster.embed import (efficientnet_lite0_extractor, embed_photos, embeddings_dir,  # noqa: E402
-                                  load_photo)
-from neighbourhoods.ingest import ingest  # noqa: E402
 from neighbourhoods.core.workspace import atomic_write_json, open_workspace  # noqa: E402
+from neighbourhoods.ingest import ingest  # noqa: E402
+from neighbourhoods.select import select  # noqa: E402
 
 TARGET_PHOTOS = 217_000
 

@@ -29,8 +29,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neighbourhoods.ingest import ingest  # noqa: E402
 from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
+from neighbourhoods.ingest import ingest  # noqa: E402
 
 LARGE_SIZE = (2048, 1536)
 

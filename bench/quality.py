@@ -43,15 +43,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from neighbourhoods.nets import inception
-from neighbourhoods.metrics import scores as metrics
-from neighbourhoods.models import runs  # noqa: E402
-from neighbourhoods.metrics.features import split_features  # noqa: E402
-from neighbourhoods.ingest import ingest  # noqa: E402
+from neighbourhoods.core.grid import save_grid  # noqa: E402
 from neighbourhoods.core.prepared import load_split  # noqa: E402
-from neighbourhoods.train import TrainConfig, save_grid, train  # noqa: E402
-from neighbourhoods.core.workspace import Workspace, atomic_write_json  # noqa: E402
 from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
+from neighbourhoods.core.workspace import Workspace, atomic_write_json  # noqa: E402
+from neighbourhoods.ingest import ingest  # noqa: E402
+from neighbourhoods.metrics import scores as metrics  # noqa: E402
+from neighbourhoods.metrics.features import split_features  # noqa: E402
+from neighbourhoods.models import runs  # noqa: E402
+from neighbourhoods.nets import inception  # noqa: E402
+from neighbourhoods.train import TrainConfig, train  # noqa: E402
 
 HOLDOUT = 0.15
 GRID_CITIES = 8
@@ -95,7 +96,7 @@ def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], 
     rows = [c for c in top_cities if c in gen.class_names][:GRID_CITIES]
     grid_classes = [gen.class_names.index(c) for c in rows for _ in range(GRID_SEEDS)]
     grid = runs.sample(gen, grid_classes, list(range(GRID_SEEDS)) * len(rows))
-    save_grid(grid_path, grid, rows, GRID_SEEDS)
+    save_grid(grid_path, grid, GRID_SEEDS, row_names=rows)
     return {"kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
             "samples": samples, "scoring_s": time.time() - t0, "images_seen": gen.images_seen,
             "grid": str(grid_path), "classes": len(gen.class_names)}

@@ -60,8 +60,8 @@ def _measured(server, coro) -> dict:
 
 
 def _toy_run(root: Path) -> tuple[Path, str]:
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
     from neighbourhoods.train import TrainConfig, train
 
     photos, labels = draw_toytown(root / "toytown", per_city=30)

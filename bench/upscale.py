@@ -29,11 +29,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from neighbourhoods.core import catalog
-from neighbourhoods.nets import inception
-from neighbourhoods.metrics import scores as metrics  # noqa: E402
-from neighbourhoods.generate import cover_box  # noqa: E402
-from neighbourhoods.upscale import NAMES, SR_FILE, SRConfig, get_upscaler, sr_dir, train_sr  # noqa: E402
 from neighbourhoods.core.workspace import atomic_write_json  # noqa: E402
+from neighbourhoods.metrics import scores as metrics  # noqa: E402
+from neighbourhoods.nets import inception
+from neighbourhoods.thumbnails.upscalers import NAMES, SR_FILE, SRConfig, cover_box, get_upscaler, sr_dir  # noqa: E402
+from neighbourhoods.upscale import train_sr  # noqa: E402
 
 
 def _fill(path: Path, size: tuple[int, int]) -> Image.Image:
@@ -139,7 +139,7 @@ def main() -> None:
                                                [np.asarray(im) for im in test2])
 
     if args.run and "gan" in wanted:
-        from neighbourhoods.generate import load_source
+        from neighbourhoods.thumbnails.source import load_source
         src = load_source(args.run_workspace or ws, args.run)
         classes = [k % len(src.class_names) for k in range(n)]
         samples = [Image.fromarray(a) for a in src.sample(classes, list(range(n)))]

@@ -26,8 +26,8 @@ def served_run(tmp_path_factory):
 
     Shared by the generate/serve/gallery tests (owned by `serve`); small so the session stays fast.
     """
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
 
     root = tmp_path_factory.mktemp("served")
     photos, labels = draw_toytown(root / "toytown", per_city=12)

@@ -15,17 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from neighbourhoods.core import catalog
 from neighbourhoods.cli import main
-from neighbourhoods.cluster import ClusterConfig, cluster, select, selected_paths
+from neighbourhoods.cluster import ClusterConfig, cluster
 from neighbourhoods.cluster.embed import embed_photos, embeddings_dir, load_embeddings
+from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.nets.efficientnet import (efficientnet_features, efficientnet_input, imagenet_probs_from_pooled,
-                                     load_efficientnet_lite0)
-from neighbourhoods.ingest import ingest
 from neighbourhoods.core.prepared import load_split
-from neighbourhoods.demo.toytown import draw_toytown
 from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.demo.toytown import draw_toytown
+from neighbourhoods.ingest import ingest
+from neighbourhoods.nets.efficientnet import (
+    efficientnet_features,
+    efficientnet_input,
+    imagenet_probs_from_pooled,
+    load_efficientnet_lite0,
+)
+from neighbourhoods.select import select, selected_paths
 
 RES = 96  # toy-town photos are 128x96; 64 px is too small for the network to call rooms rooms
 

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-
-from neighbourhoods.models import runs
 from test_train import TINY, make_toy_workspace
 
+from neighbourhoods.models import runs
 from neighbourhoods.train import TrainConfig
 
 

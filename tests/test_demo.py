@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from neighbourhoods.core import catalog
 from neighbourhoods.cli import main
+from neighbourhoods.core import catalog
 from neighbourhoods.demo import demo
 
 

@@ -10,11 +10,11 @@ import pytest
 from toy_run import CITIES, RES, toy_run
 
 from neighbourhoods import evaluate as ev
-from neighbourhoods.metrics import novelty
 from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.metrics.features import cache_path, load_space, split_features
 from neighbourhoods.core.prepared import load_split
+from neighbourhoods.metrics import novelty
+from neighbourhoods.metrics.features import cache_path, load_space, split_features
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +93,8 @@ def test_cli_evaluate_prints_json(toy, evaluation, capsys, tmp_path):
 
 
 def test_evaluate_without_held_out_photos_is_a_clear_error(tmp_path, toy):
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
 
     photos, labels = draw_toytown(tmp_path / "t", cities=("Pinecrest",), per_city=6)
     ingest(photos, tmp_path / "ws", labels=labels, res=[RES], holdout_min=1000, workers=1, progress=False)
@@ -127,8 +127,9 @@ def test_memorisation_rate_flags_copies_of_training_photos(toy, spaces, space):
 
 @pytest.mark.parametrize("space", ["inception", "efficientnet"])
 def test_new_photos_of_the_same_cities_are_rarely_flagged(toy, spaces, space, tmp_path):
-    from neighbourhoods.demo.toytown import draw_toytown
     from PIL import Image
+
+    from neighbourhoods.demo.toytown import draw_toytown
 
     index = novelty.NoveltyIndex.build(toy.ws, RES, space=space, progress=False, extractor=spaces[space])
     photos, _ = draw_toytown(tmp_path / "new", cities=CITIES, per_city=3, seed=7)   # houses never seen
@@ -169,8 +170,8 @@ def test_training_kid_scores_a_generator_against_the_held_out_photos(toy):
 
 # --- the per-workspace feature cache --------------------------------------------------------------
 def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
-    from neighbourhoods.metrics.features import DIMS, FeatureSpace, PROTOCOLS, photo_features
     from neighbourhoods.core.workspace import Workspace
+    from neighbourhoods.metrics.features import DIMS, PROTOCOLS, FeatureSpace, photo_features
 
     calls = []
 

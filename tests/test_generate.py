@@ -11,9 +11,13 @@ from PIL import Image
 
 from neighbourhoods import cli
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.generate import (GenerateConfig, Guard, NoNovelSample, Source, cover_box, derived_seed,
-                                     generate, load_source, parse_size, render_samples, thumbnail)
-from neighbourhoods.upscale import NAMES, SRConfig, get_upscaler, train_sr
+from neighbourhoods.core.resolution import ThumbSize
+from neighbourhoods.generate import GenerateConfig, generate
+from neighbourhoods.thumbnails.guard import Guard, NoNovelSample, derived_seed, render_samples
+from neighbourhoods.thumbnails.postprocess import thumbnail
+from neighbourhoods.thumbnails.source import Source, load_source
+from neighbourhoods.thumbnails.upscalers import NAMES, SRConfig, cover_box, get_upscaler
+from neighbourhoods.upscale import train_sr
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +27,13 @@ def source(served_run):
 
 
 def test_size_is_width_by_height():
-    assert parse_size("256x192") == (256, 192)
+    assert ThumbSize.parse("256x192") == (256, 192)
 
 
 @pytest.mark.parametrize("text", ["", "256", "0x10", "2000x100", "-5x5", "1e3x5", "axb", "256x192x3"])
 def test_bad_or_huge_sizes_are_refused(text):
     with pytest.raises(NeighbourhoodsError):
-        parse_size(text)
+        ThumbSize.parse(text)
 
 
 def test_same_city_and_seed_give_the_same_pixels_whatever_the_batch(source):
@@ -88,9 +92,9 @@ def test_guard_gives_up_with_a_clear_error_when_every_attempt_is_a_copy(source):
 
 
 def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
-    from neighbourhoods.generate import load_guard
     from neighbourhoods.core.prepared import load_split
     from neighbourhoods.core.workspace import open_workspace
+    from neighbourhoods.thumbnails.guard import load_guard
 
     ws, _ = served_run
     guard = load_guard(ws, source)
@@ -171,7 +175,8 @@ def test_sr_upscaler_trains_on_photos_and_loads_from_safetensors(served_run, tmp
 
 
 def test_export_gives_the_same_pixels_and_serves_without_model_code(served_run, tmp_path):
-    from neighbourhoods.export import export, load_exported
+    from neighbourhoods.export import export
+    from neighbourhoods.thumbnails.exported import load_exported
 
     ws, run = served_run
     result = export(ws, run, tmp_path / "g.pt2")
@@ -183,7 +188,8 @@ def test_export_gives_the_same_pixels_and_serves_without_model_code(served_run, 
 
 
 def test_loading_a_tampered_export_is_a_clear_error(served_run, tmp_path):
-    from neighbourhoods.export import export, load_exported
+    from neighbourhoods.export import export
+    from neighbourhoods.thumbnails.exported import load_exported
 
     ws, run = served_run
     export(ws, run, tmp_path / "g.pt2")

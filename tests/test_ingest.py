@@ -15,9 +15,9 @@ from PIL import Image
 
 from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.ingest import ingest
 from neighbourhoods.core.prepared import load_split
 from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.ingest import ingest
 
 
 def photo(size=(80, 60), seed=0) -> Image.Image:
@@ -396,3 +396,14 @@ def test_symlink_loops_and_dangling_links_do_not_hang_or_crash(tmp_path):
     assert summary.unreadable_paths == [str(d / "dangling.jpg")]
     assert "could not be listed or read" in summary.describe()
 
+
+
+def test_a_resolution_no_model_can_train_fails_at_ingest_in_one_line(tmp_path, capsys):
+    d = tmp_path / "photos"
+    d.mkdir()
+    Image.new("RGB", (64, 64), (120, 90, 60)).save(d / "a.png")
+    assert main(["ingest", str(d), "--workspace", str(tmp_path / "ws"), "--res", "50x50"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model can train at 50x50: projected needs a base of 3 or more px") and err.count("\n") == 1
+    assert "dcgan needs a base of 3-8 px" in err and "96x128" in err
+    assert not (tmp_path / "ws" / "catalog.sqlite").exists()      # refused before anything was written

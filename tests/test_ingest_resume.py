@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from neighbourhoods.ingest import ingest
 from neighbourhoods.demo.toytown import draw_toytown
+from neighbourhoods.ingest import ingest
 
 RES = ["64x64", "48x64"]
 

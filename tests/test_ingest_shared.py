@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from neighbourhoods.ingest import ingest
 from neighbourhoods.core.prepared import load_split
 from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.ingest import ingest
 
 pytestmark = pytest.mark.slow
 

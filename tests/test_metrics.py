@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from neighbourhoods.nets import inception
-from neighbourhoods.metrics import scores as metrics
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.metrics import scores as metrics
+from neighbourhoods.nets import inception
 
 
 # --- plain-numpy references: the textbook formulas, written as directly as possible ----------

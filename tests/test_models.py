@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neighbourhoods.train.augment import diffaugment, parse_policy
 from neighbourhoods.models import projected
+from neighbourhoods.train.augment import diffaugment, parse_policy
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neighbourhoods.models import runs
 from neighbourhoods import train as train_mod
 from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.train import TrainConfig, class_map, ema_beta, train
 from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.models import runs
+from neighbourhoods.train import TrainConfig, train
+from neighbourhoods.train import data as train_data
+from neighbourhoods.train import ema as train_ema
+from neighbourhoods.train import loop as train_loop
+from neighbourhoods.train import loss as train_loss
+from neighbourhoods.train.data import class_map
+from neighbourhoods.train.ema import ema_beta
 
 TINY = {
     "dcgan": {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
@@ -31,8 +37,8 @@ TINY = {
 
 def make_toy_workspace(root: Path, res=((32, 32), (48, 64))) -> Path:
     """Toy town (3 cities x 12 photos + 'Tinyville' with 3) ingested at `res`; no holdout."""
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
 
     photos, labels = draw_toytown(root / "toytown", cities=("Pinecrest", "Sunvale", "Harborview"), per_city=12)
     extra, extra_labels = draw_toytown(root / "tiny", cities=("Tinyville",), per_city=3, seed=1)
@@ -166,7 +172,7 @@ def test_resume_after_stop_matches_an_uninterrupted_run(toy_ws, model):
 def test_resume_after_kill_matches_an_uninterrupted_run(toy_ws, monkeypatch):
     whole = train(toy_ws, resume_config(run="whole-k", kimg=0.040))
     steps = {"n": 0}
-    real_update = train_mod.update_ema
+    real_update = train_loop.update_ema
 
     def dying_update(*args):
         real_update(*args)
@@ -174,7 +180,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(toy_ws, monkeypatch):
         if steps["n"] == 3:          # after the 3rd step: the last checkpoint is at 16 images
             raise Killed
 
-    monkeypatch.setattr(train_mod, "update_ema", dying_update)
+    monkeypatch.setattr(train_loop, "update_ema", dying_update)
     with pytest.raises(Killed):
         train(toy_ws, resume_config(run="killed", kimg=0.040))
     monkeypatch.undo()
@@ -197,7 +203,7 @@ def test_kill_during_checkpoint_write_keeps_the_last_good_one(toy_ws, monkeypatc
             raise Killed
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod.torch, "save", torn_save)
+    monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(Killed):
         train(toy_ws, tiny(run="torn"))
     monkeypatch.undo()
@@ -302,14 +308,14 @@ def test_resuming_a_run_that_does_not_exist_is_refused(toy_ws):
 # --- non-finite losses -----------------------------------------------------------------------------
 def test_non_finite_loss_rolls_back_to_the_last_checkpoint(toy_ws, monkeypatch, capsys):
     calls = {"n": 0}
-    real_loss = train_mod.d_loss
+    real_loss = train_loss.d_loss
 
     def flaky_loss(*args):
         calls["n"] += 1
         loss = real_loss(*args)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_mod, "d_loss", flaky_loss)
+    monkeypatch.setattr(train_loss, "d_loss", flaky_loss)
     run = train(toy_ws, tiny(run="nan-once", progress=True))
     out = capsys.readouterr().out
     assert "non-finite loss" in out and "rolled back to the checkpoint at 16 images" in out
@@ -320,7 +326,7 @@ def test_non_finite_loss_rolls_back_to_the_last_checkpoint(toy_ws, monkeypatch, 
 
 
 def test_repeated_non_finite_losses_stop_with_an_error(toy_ws, monkeypatch):
-    monkeypatch.setattr(train_mod, "d_loss", lambda *args: torch.tensor(float("inf"), requires_grad=True))
+    monkeypatch.setattr(train_loss, "d_loss", lambda *args: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(NeighbourhoodsError, match="non-finite loss.*giving up"):
         train(toy_ws, tiny(run="nan-always", max_rollbacks=2))
 
@@ -411,7 +417,7 @@ def test_standing_statistics_make_eval_samples_match_batch_statistics():
         batch_stats = G.train()(z, labels)
         stale = G.eval()(z, labels)
     rng = torch.get_rng_state()
-    train_mod.standing_bn_stats(G, np.ones(3) / 3, images=512, batch=64, seed=1)
+    train_ema.standing_bn_stats(G, np.ones(3) / 3, images=512, batch=64, seed=1)
     assert torch.equal(torch.get_rng_state(), rng)                  # the run's RNG stream is untouched
     with torch.no_grad():
         standing = G(z, labels)
@@ -421,12 +427,12 @@ def test_standing_statistics_make_eval_samples_match_batch_statistics():
 
 def test_data_order_is_a_function_of_images_seen():
     images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
-    reader = train_mod.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
+    reader = train_data.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
                                    rank=0, world=1, workers=0)
     epoch = torch.cat([reader.get(p, 5)[0] for p in (0, 5)])
     assert len({bytes(x.numpy()) for x in epoch}) == 10                     # every photo once per epoch
     assert torch.equal(reader.get(5, 5)[0], epoch[5:])                      # same position, same batch
-    halves = [train_mod.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
+    halves = [train_data.BatchReader(images, np.arange(10), np.zeros(10, dtype=np.int64), seed=3, mirror=False,
                                     rank=r, world=2, workers=0).get(0, 4)[0] for r in (0, 1)]
     assert torch.equal(torch.stack([halves[0][0], halves[1][0], halves[0][1], halves[1][1]]), epoch[:4])
 
@@ -448,7 +454,7 @@ def test_cli_reports_user_errors_in_one_line(toy_ws, capsys):
 
 def test_any_city_share_relabels_a_fixed_fraction_of_photos():
     images = np.zeros((1000, 2, 2, 3), dtype=np.uint8)
-    reader = train_mod.BatchReader(images, np.arange(1000), np.zeros(1000, dtype=np.int64), seed=0, mirror=False,
+    reader = train_data.BatchReader(images, np.arange(1000), np.zeros(1000, dtype=np.int64), seed=0, mirror=False,
                                    rank=0, world=1, workers=0, any_class=7, any_p=0.25)
     labels = reader.get(0, 1000)[1]
     assert set(labels.tolist()) == {0, 7}
@@ -486,7 +492,7 @@ def test_trains_on_real_listing_photos_at_four_by_three(shared_data, tmp_path):
 
 # --- mode seeking (MSGAN) --------------------------------------------------------------------------
 def test_mode_seeking_pairs_each_fake_with_one_of_the_same_city():
-    paired = train_mod.pair_labels(torch.tensor([3, 1, 4, 1, 5, 9, 2]))
+    paired = train_loss.pair_labels(torch.tensor([3, 1, 4, 1, 5, 9, 2]))
     assert paired.tolist() == [3, 1, 4, 3, 1, 4, 2]   # i and i + N/2 share a city; an odd last one stays
 
 
@@ -494,7 +500,7 @@ def test_mode_seeking_loss_is_large_when_two_latents_give_one_image():
     z = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     distinct = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     collapsed = distinct[:1].expand(8, -1, -1, -1)
-    assert train_mod.mode_seeking_loss(collapsed, z) > 1000 * train_mod.mode_seeking_loss(distinct, z)
+    assert train_loss.mode_seeking_loss(collapsed, z) > 1000 * train_loss.mode_seeking_loss(distinct, z)
 
 
 def test_mode_seeking_term_alone_makes_one_citys_samples_differ_more():
@@ -511,7 +517,7 @@ def test_mode_seeking_term_alone_makes_one_citys_samples_differ_more():
 
     before = spread()
     for _ in range(10):
-        loss = train_mod.mode_seeking_loss(G(z, city), z)
+        loss = train_loss.mode_seeking_loss(G(z, city), z)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -533,3 +539,53 @@ def test_a_run_from_before_mode_seeking_resumes_without_it(toy_ws):
     (run / "config.json").write_text(json.dumps(config))
     train(toy_ws, tiny("projected", run="pre-ms", kimg=0.032, resume=True))
     assert json.loads((run / "config.json").read_text())["mode_seeking"] == 0.0
+
+
+# --- options: one declaration, resolved in one place -----------------------------------------------
+def test_every_train_flag_comes_from_a_config_field_with_its_help():
+    import argparse
+    from dataclasses import fields
+
+    from neighbourhoods.train.config import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    dests = {a.dest: a for a in parser._actions if a.dest != "help"}
+    assert set(dests) == {f.name for f in fields(TrainConfig)}
+    for f in fields(TrainConfig):
+        assert (f.metadata["flag_help"] or f.metadata["help"]) in dests[f.name].help.replace("%%", "%")
+        assert dests[f.name].default is None           # an option left out is not passed on
+
+
+def test_dry_run_prints_the_resolved_options_and_trains_nothing(toy_ws, capsys):
+    args = ["train", "--workspace", str(toy_ws), "--res", "32x32", "--model", "dcgan", "--run", "dry", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    resolved = json.loads(out[out.index("{"):])
+    assert resolved["model"] == "dcgan" and resolved["res"] == [32, 32] and resolved["run"] == "dry"
+    assert resolved["loss"] == "bce" and resolved["lr_g"] == 2e-4 and resolved["batch"] == 64   # dcgan's recipe
+    assert not (toy_ws / "runs" / "dry").exists()
+
+
+def test_dry_run_of_a_resume_shows_the_runs_own_values(toy_ws, capsys):
+    train(toy_ws, tiny(run="dry-resume", kimg=0.008))
+    args = ["train", "--workspace", str(toy_ws), "--run", "dry-resume", "--resume", "--batch", "16", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "note: resuming with the run's own batch=8" in out
+    assert json.loads(out[out.index("{"):])["batch"] == 8
+
+
+def test_a_resolution_the_model_cannot_build_fails_before_any_data_is_read(toy_ws, capsys):
+    assert main(["train", "--workspace", str(toy_ws), "--res", "40x40", "--kimg", "0.008", "--dry-run"]) == 0
+    assert main(["train", "--workspace", str(toy_ws), "--res", "96x96", "--model", "dcgan", "--dry-run"]) == 0
+    assert main(["train", "--workspace", str(toy_ws), "--res", "24x80", "--model", "dcgan", "--kimg", "0.008"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model 'dcgan' cannot train at 24x80: dcgan needs a base of 3-8 px") and err.count("\n") == 1
+
+
+def test_a_bad_flag_value_is_a_usage_error_not_a_traceback(toy_ws, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--workspace", str(toy_ws), "--res", "64"])
+    assert exit_info.value.code == 2
+    assert "bad value '64' for --res" in capsys.readouterr().err

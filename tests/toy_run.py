@@ -29,8 +29,8 @@ class ToyRun:
 
 
 def toy_run(tmp_path_factory) -> ToyRun:
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
     from neighbourhoods.train import TrainConfig, train
 
     root = tmp_path_factory.getbasetemp() / "evaluate-toy-run"

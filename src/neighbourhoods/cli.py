@@ -16,6 +16,17 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import parse_res
 
 
+def _arg(parse):
+    """An argparse type from a parser that raises NeighbourhoodsError: a bad value is then
+    argparse's one-line usage error (exit 2), not a traceback."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except NeighbourhoodsError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -29,7 +40,7 @@ def _add_ingest(sub) -> None:
                    "without it, the first sub-folder under PHOTOS names each photo's label")
     p.add_argument("--file-column", default="file", help="CSV column with the photo's file name/relative path")
     p.add_argument("--label-column", default="city", help="CSV column with the label")
-    p.add_argument("--res", action="append", type=parse_res, metavar="HxW",
+    p.add_argument("--res", action="append", type=_arg(parse_res), metavar="HxW",
                    help="prepared resolution, repeatable (default 64x64); 4:3 e.g. 96x128")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="centre-crop or pad to the target aspect")
     p.add_argument("--min-side", type=int, default=32, help="reject photos whose shorter side is smaller")
@@ -95,7 +106,7 @@ def _add_select(sub) -> None:
 
 
 def _run_select(args) -> None:
-    from neighbourhoods.cluster import select, selected_paths
+    from neighbourhoods.select import select, selected_paths
 
     if args.clusters is None and args.auto is None and not args.list:
         raise NeighbourhoodsError("give --clusters (e.g. 0,2), --auto exteriors, or --list")
@@ -161,9 +172,10 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> None:
-    from neighbourhoods.generate import GenerateConfig, describe, generate, parse_size
+    from neighbourhoods.core.resolution import ThumbSize
+    from neighbourhoods.generate import GenerateConfig, describe, generate
 
-    cfg = GenerateConfig(n=args.n, seed=args.seed, size=parse_size(args.size), fmt=args.format,
+    cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
                          all_cities=args.all_cities)
     manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
@@ -248,49 +260,24 @@ def _run_upscale(args) -> None:
 
 # --- train ----------------------------------------------------------------------------------
 def _add_train(sub) -> None:
-    # Defaults live in TrainConfig alone: an option left out is not passed on.
+    from neighbourhoods.train.config import add_arguments  # every flag, help and default from TrainConfig
+
     p = sub.add_parser("train", help="train a city-conditioned generator on the prepared photos")
     p.add_argument("--workspace", "-w", required=True, help="workspace folder (after ingest)")
-    p.add_argument("--res", type=parse_res, metavar="HxW", help="training resolution (default 64x64; 4:3 e.g. 48x64, 96x128)")
-    p.add_argument("--model", help="projected (the default) or dcgan (the baseline)")
-    stop = p.add_mutually_exclusive_group()
-    stop.add_argument("--kimg", type=float, help="train until this many thousand images were shown in total (default 500)")
-    stop.add_argument("--minutes", type=float, help="train for this many minutes (wall clock) in this call")
-    p.add_argument("--batch", type=int, help="images per step over all processes (default: the model's, else 64)")
-    p.add_argument("--run", "--name", dest="run",
-                   help="run name under WS/runs (default <model>-<HxW>); under torchrun spell it --name")
-    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
-    p.add_argument("--device", help="cpu (default) or cuda; under torchrun each process takes cuda:LOCAL_RANK")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], help="mixed precision on CUDA (default bf16)")
-    p.add_argument("--seed", type=int, help="seeds weights, data order, noise, augmentation (default 0)")
-    p.add_argument("--lr-g", type=float, help="G learning rate (default: the model's)")
-    p.add_argument("--lr-d", type=float, help="D learning rate (default: the model's)")
-    p.add_argument("--augment", help='DiffAugment policy, e.g. "color,translation,cutout"; "" for none (default: the model\'s)')
-    p.add_argument("--mirror", action=argparse.BooleanOptionalAction, help="random left-right flips of the photos")
-    p.add_argument("--ema-kimg", type=float, help="half-life of G's moving average in thousands of images (default: the model's)")
-    p.add_argument("--mode-seeking", type=float,
-                   help="weight of the mode-seeking (MSGAN) term that keeps one city's samples diverse; 0 = off (default: the model's)")
-    p.add_argument("--min-city-photos", type=int, help='cities with fewer training photos share one "(any city)" class (default 50)')
-    p.add_argument("--snapshot-every", type=int, help="images between checkpoints (default 20000)")
-    p.add_argument("--sample-every", type=int, help="images between sample grids (default 10000)")
-    p.add_argument("--kid-every", type=int, help="images between KID estimates (default 0 = off)")
-    p.add_argument("--workers", type=int, dest="num_workers", help="threads reading batches (default 1)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: one per core)")
-    p.add_argument("--model-kwargs", type=json.loads, metavar="JSON", help='model builder arguments, e.g. \'{"ngf": 32}\'')
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit without training")
+    add_arguments(p)
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> None:
-    from neighbourhoods.train import TrainConfig, train
+    from neighbourhoods.train import dry_run, train
+    from neighbourhoods.train.config import from_arguments
 
-    names = ("res", "model", "kimg", "minutes", "batch", "run", "device", "amp", "seed", "lr_g", "lr_d", "augment",
-             "mirror", "ema_kimg", "mode_seeking", "min_city_photos", "snapshot_every", "sample_every", "kid_every", "num_workers",
-             "threads", "model_kwargs")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.minutes is not None:
-        given["kimg"] = None   # the time budget alone decides
-    run_dir = train(args.workspace, TrainConfig(**given, resume=args.resume, progress=not args.quiet))
+    config = from_arguments(args)
+    if args.dry_run:
+        print(dry_run(args.workspace, config))
+        return
+    run_dir = train(args.workspace, config)
     if os.environ.get("RANK", "0") == "0":   # one line, not one per torchrun process
         print(run_dir)
 

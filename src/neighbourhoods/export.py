@@ -1,7 +1,9 @@
-"""Export the EMA generator with torch.export, so serving needs no training code.
+"""`neighbourhoods export`: the EMA generator via torch.export, so serving needs no training code.
 
     OUT.pt2    torch.export ExportedProgram: graph + weights, dynamic batch dimension
     OUT.json   class_names, res, z_dim, images_seen, weights fingerprint, noise recipe
+
+Reading it back (what `serve` and `generate` do with a .pt2) is thumbnails/exported.py.
 
 Why torch.export and not ONNX or TorchScript: ONNX would add two dependencies (onnx,
 onnxruntime) for a graph torch already runs; TorchScript (torch.jit) is deprecated in the torch
@@ -12,45 +14,35 @@ pixels as the eager model (`export` checks the largest difference and reports it
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.generate import Source
-
-
-def _noise(seeds, z_dim):
-    """The latent of each seed, exactly as runs.sample draws it."""
-    from neighbourhoods.models.runs import noise_for_seeds
-    return noise_for_seeds(list(seeds), z_dim)
+from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
+from neighbourhoods.models import runs
+from neighbourhoods.thumbnails.exported import load_exported
+from neighbourhoods.thumbnails.postprocess import thumbnail
+from neighbourhoods.thumbnails.source import weights_fingerprint
+from neighbourhoods.thumbnails.upscalers import get_upscaler
 
 
 def _wrapper(model):
-    import torch
-
-    from neighbourhoods.models.runs import to_uint8_tensor
-
     class Uint8Generator(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.g = model
 
         def forward(self, z, labels):
-            return to_uint8_tensor(self.g(z, labels))
+            return runs.to_uint8_tensor(self.g(z, labels))
 
     return Uint8Generator().eval()
 
 
 def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> dict:
-    import torch
-
-    from neighbourhoods.models import runs
-    from neighbourhoods.generate import _weights_fingerprint
-    from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
-
     out = Path(out)
     if out.suffix != ".pt2":
         raise NeighbourhoodsError(f"--out must end in .pt2, got {out}")
@@ -66,7 +58,7 @@ def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> d
     with atomic_path(out) as tmp:
         torch.export.save(program, str(tmp))
     meta = {"class_names": list(gen.class_names), "res": list(gen.res), "z_dim": int(gen.z_dim),
-            "images_seen": int(gen.images_seen), "fingerprint": _weights_fingerprint(gen.model),
+            "images_seen": int(gen.images_seen), "fingerprint": weights_fingerprint(gen.model),
             "run": str(runs.resolve_run(ws, run)), "noise": "runs.noise_for_seeds"}
     atomic_write_json(out.with_suffix(".json"), meta)
 
@@ -78,39 +70,8 @@ def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> d
     diff = int(np.abs(ref.astype(np.int16) - got.astype(np.int16)).max())
     result = {"path": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff, **meta}
     if bench:
-        from neighbourhoods.upscale import get_upscaler
         result["latency"] = benchmark(out, upscaler=get_upscaler(None, workspace=ws.root))
     return result
-
-
-def load_exported(path) -> Source:
-    """A Source backed by an exported .pt2 and its metadata: no `models` code involved."""
-    import torch
-
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.is_file() or not meta_path.is_file():
-        raise NeighbourhoodsError(f"{path} is not an exported generator (need {path.name} and {meta_path.name}); "
-                                  "run `neighbourhoods export` first")
-    try:
-        module = torch.export.load(str(path)).module()
-    except Exception as e:  # a damaged or foreign file: one clear line, not a traceback
-        raise NeighbourhoodsError(f"cannot load exported generator {path}: {e}") from None
-    meta = json.loads(meta_path.read_text())
-    z_dim = int(meta["z_dim"])
-
-    def sample(class_indices: list[int], seeds: list[int], batch_size: int = 64) -> np.ndarray:
-        outs = []
-        with torch.inference_mode():
-            for i in range(0, len(seeds), batch_size):
-                z = _noise(seeds[i:i + batch_size], z_dim)
-                labels = torch.tensor(class_indices[i:i + batch_size], dtype=torch.long)
-                outs.append(module(z, labels).numpy())
-        h, w = meta["res"]
-        return np.concatenate(outs) if outs else np.zeros((0, h, w, 3), np.uint8)
-
-    return Source(class_names=list(meta["class_names"]), res=tuple(meta["res"]), sample=sample,
-                  fingerprint=str(meta["fingerprint"]), label=str(path), images_seen=int(meta["images_seen"]))
 
 
 def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 192), fmt: str = "jpg",
@@ -121,13 +82,6 @@ def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 1
     average is recorded with each row: on a shared machine, OpenMP threads that spin-wait for a
     descheduled sibling make multi-threaded small batches far slower than single-threaded ones.
     """
-    import os
-
-    import torch
-
-    from neighbourhoods.generate import thumbnail
-    from neighbourhoods.upscale import get_upscaler
-
     src = load_exported(path)
     up = upscaler if upscaler is not None else get_upscaler(None)
     rows = []

@@ -26,12 +26,11 @@ import numpy as np
 from PIL import Image
 
 from neighbourhoods.core import catalog
-from neighbourhoods.models import runs
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.evaluate import eval_dir, latest_evaluation
-from neighbourhoods.core.workspace import Workspace, atomic_write_text, open_workspace
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import Workspace, atomic_write_text, open_workspace
+from neighbourhoods.models import runs
+from neighbourhoods.models.runs import eval_dir, latest_evaluation
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

@@ -1,4 +1,4 @@
-"""HTTP thumbnails for the website: FastAPI app, micro-batched generator, byte-bounded LRU cache.
+"""`neighbourhoods serve`: HTTP thumbnails for the website: FastAPI app, micro-batched generator, byte-bounded LRU cache.
 
     GET /cities                       the cities this generator knows
     GET /thumbnail?city=&seed=&size=WxH&format=jpg|png|webp
@@ -28,16 +28,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from neighbourhoods.core.cities import UnknownCity
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.generate import (FORMATS, MAX_SEED, PIPELINE_VERSION, Guard, NoNovelSample, Source, UnknownCity,
-                       parse_format, parse_size, render_samples, thumbnail)
+from neighbourhoods.core.resolution import MAX_THUMB_SIDE, ThumbSize
+from neighbourhoods.thumbnails.guard import MAX_SEED, Guard, NoNovelSample, load_guard, render_samples
+from neighbourhoods.thumbnails.postprocess import FORMATS, PIPELINE_VERSION, media_type, parse_format, thumbnail
+from neighbourhoods.thumbnails.source import Source, load_source
+from neighbourhoods.thumbnails.upscalers import get_upscaler
 
 log = logging.getLogger("neighbourhoods.serve")
 
 
 @dataclass
 class ServeConfig:
-    max_side: int = 1024             # largest thumbnail side, px
+    max_side: int = MAX_THUMB_SIDE   # largest thumbnail side, px
     default_size: str = "256x192"    # thumbnail size when the request names none (WxH)
     max_batch: int = 32              # most samples in one generator call
     max_wait_ms: float = 4.0         # how long a lone request waits for others to batch with
@@ -279,7 +283,7 @@ def create_app(thumbs: Thumbnails):
                         size: str = Query(None, max_length=20, description="WxH, e.g. 256x192"),
                         format: str = Query("jpg", max_length=10, description="jpg, png or webp")):
         try:
-            wh = parse_size(size or cfg.default_size, cfg.max_side)
+            wh = ThumbSize.parse(size or cfg.default_size, cfg.max_side)
             fmt = parse_format(format)
         except NeighbourhoodsError as e:
             return error(422, str(e))
@@ -298,7 +302,7 @@ def create_app(thumbs: Thumbnails):
                                 headers={"Retry-After": "1", "Cache-Control": "no-store"})
         except NoNovelSample as e:
             return error(503, str(e))
-        return Response(content=data, media_type=FORMATS[fmt][1], headers=headers)
+        return Response(content=data, media_type=media_type(fmt), headers=headers)
 
     @app.get("/", response_class=HTMLResponse)
     async def gallery():
@@ -395,9 +399,6 @@ init();
 def build(workspace, run: str, config: ServeConfig | None = None, upscale: str | None = None,
           novelty: bool = True) -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
-    from neighbourhoods.generate import load_guard, load_source
-    from neighbourhoods.upscale import get_upscaler
-
     config = config or ServeConfig()
     import torch
     torch.set_num_threads(max(1, config.torch_threads))

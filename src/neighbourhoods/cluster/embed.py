@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.ingest.decode import to_rgb
+from neighbourhoods.core.images import to_rgb
 from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json
 
 
@@ -41,7 +41,11 @@ class Extractor:
 
 def efficientnet_lite0_extractor() -> Extractor:
     """ImageNet EfficientNet-Lite0: 1280-d pooled features, and its own classifier's probabilities."""
-    from neighbourhoods.nets.efficientnet import efficientnet_pooled, imagenet_probs_from_pooled, load_efficientnet_lite0
+    from neighbourhoods.nets.efficientnet import (
+        efficientnet_pooled,
+        imagenet_probs_from_pooled,
+        load_efficientnet_lite0,
+    )
 
     # channels_last: about 2x faster depthwise convolutions on CPU (measured in bench/embed.py)
     model = load_efficientnet_lite0().to(memory_format=torch.channels_last)

@@ -43,3 +43,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     con.execute("PRAGMA synchronous=FULL")
     con.executescript(SCHEMA)
     return con
+
+
+# What `cluster` suggests a cluster is, and so what `select --auto` takes.
+SUGGESTIONS = ("exteriors", "interiors", "documents", "other")

@@ -17,10 +17,8 @@ import numpy as np
 
 from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.workspace import Workspace
-
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import Workspace
 
 
 @dataclass

@@ -10,12 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from neighbourhoods.cluster import ClusterConfig, ClusterSummary, cluster, select
-from neighbourhoods.evaluate import EvaluateConfig, describe as describe_metrics, evaluate
+from neighbourhoods.cluster import ClusterConfig, ClusterSummary, cluster
+from neighbourhoods.demo.toytown import draw_toytown
+from neighbourhoods.evaluate import EvaluateConfig, evaluate
+from neighbourhoods.evaluate import describe as describe_metrics
 from neighbourhoods.ingest import IngestSummary, ingest
 from neighbourhoods.report import write_report
+from neighbourhoods.select import select
 from neighbourhoods.serve import serve_command
-from neighbourhoods.demo.toytown import draw_toytown
 from neighbourhoods.train import TrainConfig, train
 
 DEMO_RES = ((64, 64), (48, 64))   # square for the quick GAN, 4:3 like listing thumbnails

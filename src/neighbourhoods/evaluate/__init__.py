@@ -18,32 +18,33 @@ the same mix of cities; sample i uses seed `seed + i`, so an evaluation is repro
 Results go to WS/runs/<run>/eval/<images_seen:010d>/metrics.json, with novelty.npz beside it
 (the most memorised-looking samples and their nearest photos, for the report).
 
-`quick_kid` / `training_kid` are the cheap KID for training curves (TrainConfig.kid_every).
+The cheap KID for training curves (TrainConfig.kid_every) is metrics/quick_kid.py.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from neighbourhoods.metrics import scores as metrics
-from neighbourhoods.models import runs
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.metrics.features import FeatureSpace, SPACES, load_space, split_features
-from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate
 from neighbourhoods.core.prepared import load_label_names, load_split
-from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, open_workspace
-
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, open_workspace
+from neighbourhoods.metrics import scores as metrics
+from neighbourhoods.metrics.features import SPACES, load_space, split_features
+from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate
+from neighbourhoods.metrics.quick_kid import (  # noqa: F401 (the API)
+    allocate,
+    class_of_label,
+    quick_kid,
+    training_kid,
+)
+from neighbourhoods.models import runs
+from neighbourhoods.models.runs import eval_dir, latest_evaluation  # noqa: F401 (the API)
 
 
 @dataclass
@@ -58,27 +59,6 @@ class EvaluateConfig:
     figure_pairs: int = 24        # most train-like samples kept (with their nearest photos) for the report
     batch_size: int = 32          # images per feature-network batch
     device: str = "cpu"           # "cpu" or "cuda[:N]" for the generator and the feature networks
-
-
-# --- which cities to sample ---------------------------------------------------------------------
-def class_of_label(label_names: list[str], class_names: list[str]) -> np.ndarray:
-    """For each workspace label (and -1 = no label, at the end): the run's class, or -1 if none."""
-    any_city = class_names.index(runs.ANY_CITY) if runs.ANY_CITY in class_names else -1
-    out = [class_names.index(name) if name in class_names else any_city for name in label_names]
-    out.append(any_city if any_city >= 0 else (0 if len(class_names) == 1 else -1))
-    return np.array(out, dtype=np.int64)
-
-
-def allocate(counts: np.ndarray, n: int) -> np.ndarray:
-    """Split n over classes in proportion to `counts` (largest remainder, deterministic)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.sum() <= 0:
-        raise NeighbourhoodsError("no held-out photos of any city the run was trained on")
-    exact = counts / counts.sum() * n
-    out = np.floor(exact).astype(np.int64)
-    for i in np.argsort(-(exact - out), kind="stable")[: n - out.sum()]:
-        out[i] += 1
-    return out
 
 
 def sample_images(gen: runs.LoadedGenerator, classes: np.ndarray, seeds: np.ndarray, batch_size: int = 64,
@@ -205,10 +185,6 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
     return result
 
 
-def eval_dir(run_dir: Path, images_seen: int) -> Path:
-    return Path(run_dir) / "eval" / f"{int(images_seen):010d}"
-
-
 def _write_novelty_figure_data(path: Path, images: np.ndarray, classes: np.ndarray, class_names: list[str],
                                nearest: dict, novelty: dict, cfg: EvaluateConfig) -> None:
     """The samples most similar to a training photo (by Inception similarity), for the report."""
@@ -224,14 +200,6 @@ def _write_novelty_figure_data(path: Path, images: np.ndarray, classes: np.ndarr
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-
-
-def latest_evaluation(run_dir: Path) -> dict | None:
-    """The metrics.json of the most advanced checkpoint evaluated, or None."""
-    folders = sorted(p for p in (Path(run_dir) / "eval").glob("*") if (p / "metrics.json").is_file())
-    if not folders:
-        return None
-    return json.loads((folders[-1] / "metrics.json").read_text())
 
 
 def describe(result: dict) -> str:
@@ -255,58 +223,3 @@ def describe(result: dict) -> str:
     lines.append(f"  memorised in either space: {n['either_space_rate'] * 100:.1f}%   "
                  f"({result['timings']['total_s']:.0f} s)   -> {result['path']}")
     return "\n".join(lines)
-
-
-# --- cheap KID during training ------------------------------------------------------------------
-def quick_kid(sample_fn: Callable[[int], np.ndarray], real_features: np.ndarray, n: int = 300,
-              extractor: FeatureSpace | None = None, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std) of `n` images from sample_fn(n) (uint8 N x H x W x 3) against real features.
-
-    A few hundred samples make a noisy but unbiased estimate: fine for a training curve, not
-    for comparing runs (use `evaluate` with 2,000 for that).
-    """
-    extractor = extractor or load_space("inception")
-    feats = extractor.extract(np.asarray(sample_fn(n)))
-    return metrics.kid(real_features, feats, subsets=subsets, subset_size=min(n, len(real_features)), seed=seed)
-
-
-@functools.lru_cache(maxsize=2)
-def _kid_reference(ws_root: str, res: tuple[int, int], device: str) -> tuple[np.ndarray, np.ndarray, FeatureSpace] | None:
-    # Cached per process: training calls this every kid_every images, and reloading (and
-    # re-warming) the Inception network each time would cost more than the KID itself.
-    ws = Workspace(Path(ws_root))
-    feats, _, labels = split_features(ws, res, "holdout", "inception", progress=False, device=device)
-    if len(feats) < 2:
-        return None
-    return feats, labels, load_space("inception", device=device)
-
-
-def training_kid(ws: Workspace, res: tuple[int, int], G_ema: torch.nn.Module, class_names: list[str],
-                 n: int = 300, seed: int = 0) -> tuple[float, float] | None:
-    """KID (mean, std) of G_ema against the held-out photos, or None where there are none.
-
-    Samples `n` images, cities in the held-out split's proportions, fixed seeds (the same
-    every call, so the curve moves only with the weights).
-    """
-    device = str(next(G_ema.parameters()).device)
-    reference = _kid_reference(str(ws.root), tuple(res), device)
-    if reference is None:
-        return None
-    feats, labels, space = reference
-    lut = class_of_label(load_label_names(ws), class_names)
-    classes = lut[labels]
-    counts = np.bincount(classes[classes >= 0], minlength=len(class_names))
-    if counts.sum() == 0:
-        return None
-    gen_classes = np.repeat(np.arange(len(class_names)), allocate(counts, n))
-    seeds = seed + np.arange(n)
-
-    def sample_fn(count: int) -> np.ndarray:
-        was_training = G_ema.training
-        G_ema.eval()
-        try:
-            return runs.generate_images(G_ema, gen_classes[:count].tolist(), seeds[:count].tolist())
-        finally:
-            G_ema.train(was_training)
-
-    return quick_kid(sample_fn, feats[classes >= 0], n=n, extractor=space, seed=seed)

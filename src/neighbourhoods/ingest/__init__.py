@@ -35,12 +35,11 @@ from tqdm import tqdm
 
 from neighbourhoods import models
 from neighbourhoods.core import catalog
-from neighbourhoods.ingest.decode import DecodeSettings, decode_one
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.ingest.labels import match_labels, read_labels
-from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
+from neighbourhoods.ingest.decode import DecodeSettings, decode_one
+from neighbourhoods.ingest.labels import match_labels, read_labels
 
 PIXELS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixels (

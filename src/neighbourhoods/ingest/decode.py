@@ -20,6 +20,7 @@ import numpy as np
 import scipy.fftpack  # noqa: F401  imagehash.phash imports it on first use: do it once, before forking workers
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from neighbourhoods.core.images import to_rgb
 from neighbourhoods.core.resolution import res_name
 
 # Rejection reasons: short, stable strings users can filter on (documented in docs/ingest.md).
@@ -72,21 +73,6 @@ def _sniff_unsupported(head: bytes) -> bool:
         return True
     text = head[:256].lstrip().lower()
     return text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: alpha composited on white, 16-bit scaled, CMYK/palette converted."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0   # 16-bit samples: 65535 -> 255
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _orientation(img: Image.Image) -> int:

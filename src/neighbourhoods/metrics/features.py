@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from neighbourhoods.nets import inception
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.prepared import load_split
-from neighbourhoods.core.workspace import Workspace, atomic_path
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import Workspace, atomic_path
+from neighbourhoods.nets import inception
 
 SPACES = ("inception", "efficientnet")
 EFFICIENTNET_HW = (224, 224)

@@ -13,7 +13,7 @@ Held-out photos that ingest flagged as near-duplicates of a training photo (same
 filed twice) are left out of the calibration: they are copies, not independent photos, and
 would push the threshold up to 1.
 
-The index for the serve engineer's novelty guard (generate.load_guard):
+The index for the serve engineer's novelty guard (thumbnails.guard.load_guard):
 
     index = novelty.load_index(ws, res)              # features cached in WS/embeddings
     sims, photo_ids = index.nearest(images)          # uint8 N x H x W x 3
@@ -28,10 +28,9 @@ import numpy as np
 
 from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.metrics.features import FeatureSpace, load_space, split_features
-from neighbourhoods.core.workspace import Workspace
-
 from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.metrics.features import FeatureSpace, load_space, split_features
 
 GUARD_SPACE = "efficientnet"   # the guard's default space: a third of Inception's FLOPs per image
 PERCENTILE = 99.0

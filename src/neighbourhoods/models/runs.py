@@ -1,14 +1,18 @@
-"""Training runs on disk, and loading a trained generator from one.
+"""Training runs on disk: the run folder format, written and read here and nowhere else.
 
-A run folder (WS/runs/<name>/), written by train.py:
+A run folder (WS/runs/<name>/), written by `train`, read by every later stage:
 
-    config.json                     the TrainConfig, plus "model", "res" [H, W], "z_dim",
-                                    "class_names" (conditioning classes in index order)
+    config.json                     the resolved TrainConfig; "model_args" (name, res [H, W],
+                                    z_dim, class_names in index order, kwargs): all a loader
+                                    needs to rebuild G; the same fields also at the top level
+                                    (and only there in runs written before model_args); and
+                                    class_counts, merged_cities, train_photos, grid
     checkpoints/<images_seen:010d>/ G.safetensors, G_ema.safetensors, D.safetensors, state.pt
     checkpoints/latest.json         {"dir": ..., "images_seen": N}, written atomically, last
     samples/progress-<images_seen:010d>.png   fixed-seed grid, one row per city
     metrics.jsonl                   images_seen, time_s, loss_g, loss_d, images_per_s, (kid)
     tensorboard/                    TensorBoard event files
+    eval/<images_seen:010d>/        metrics.json and novelty.npz of `evaluate`
 
 Weights are safetensors and state.pt loads with torch.load(weights_only=True): opening a run
 never executes code from it.
@@ -16,19 +20,23 @@ never executes code from it.
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from torch import nn
 
+from neighbourhoods.core.cities import ANY_CITY as ANY_CITY  # re-exported: train, evaluate use runs.ANY_CITY
+from neighbourhoods.core.cities import match_city
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.core.workspace import Workspace, atomic_write_json, fsync_path
 
-ANY_CITY = "(any city)"   # the shared class of cities too small to train alone; serves unknown cities too
 CHECKPOINT_FILES = ("G.safetensors", "G_ema.safetensors", "D.safetensors", "state.pt")
 
 
@@ -142,16 +150,8 @@ class LoadedGenerator:
     config: dict = field(repr=False)   # the run's config.json
 
     def class_index(self, city: str) -> int:
-        """Index of `city` (exact, then case-insensitive); NeighbourhoodsError naming close matches."""
-        if city in self.class_names:
-            return self.class_names.index(city)
-        folded = [name.casefold() for name in self.class_names]
-        if city.casefold() in folded:
-            return folded.index(city.casefold())
-        close = difflib.get_close_matches(city.casefold(), folded, n=5, cutoff=0.6)
-        hint = f"; close matches: {', '.join(self.class_names[folded.index(c)] for c in close)}" if close else ""
-        fallback = f"; {ANY_CITY!r} stands for cities not trained on" if ANY_CITY in self.class_names else ""
-        raise NeighbourhoodsError(f"unknown city {city[:200]!r}{hint}{fallback}")
+        """Index of `city` (see core.cities.match_city); UnknownCity naming close matches."""
+        return match_city(city, self.class_names)
 
 
 def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
@@ -160,16 +160,13 @@ def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    args = read_model_args(config, run_dir / "config.json")
     folder, images_seen = latest_checkpoint(run_dir)
-    try:
-        model = models.build_generator(config["model"], len(config["class_names"]), tuple(config["res"]),
-                                       **config.get("model_kwargs", {}))
-    except KeyError as e:
-        raise NeighbourhoodsError(f"{run_dir / 'config.json'} lacks {e}") from None
+    model = models.build_generator(args["name"], len(args["class_names"]), tuple(args["res"]), **args["kwargs"])
     path = folder / "G_ema.safetensors"
     load_state_into(model, load_weights(path), path)
     model.to(device).eval().requires_grad_(False)
-    return LoadedGenerator(model=model, class_names=list(config["class_names"]), res=tuple(config["res"]),
+    return LoadedGenerator(model=model, class_names=list(args["class_names"]), res=tuple(args["res"]),
                            z_dim=int(model.z_dim), images_seen=images_seen, config=config)
 
 
@@ -181,3 +178,91 @@ def sample(gen: LoadedGenerator, class_indices: list[int], seeds: list[int], bat
     if bad:
         raise NeighbourhoodsError(f"class index {bad[0]} out of range 0..{len(gen.class_names) - 1}")
     return generate_images(gen.model, class_indices, seeds, batch_size=batch_size)
+
+
+# --- checkpoints (written by `train`, read by `train --resume` and every loader) ------------------
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, images_seen: int, nets: dict[str, nn.Module], state: dict, keep: int) -> Path:
+    """Write checkpoints/<images_seen:010d>/ via a temporary folder, then latest.json, then prune."""
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"{images_seen:010d}"
+    final = ckpts / name
+    with contextlib.suppress(NeighbourhoodsError):
+        if latest_checkpoint(run_dir)[0] == final:
+            return final          # this very state is already the latest checkpoint
+    tmp = ckpts / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for key, module in nets.items():
+        safetensors.torch.save_file(_tensors(module), str(tmp / f"{key}.safetensors"))
+    torch.save(state, tmp / "state.pt")
+    for file in tmp.iterdir():
+        fsync_path(file)
+    fsync_path(tmp)
+    if final.exists():            # a complete folder a killed run renamed but never pointed latest.json at
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_path(ckpts)
+    atomic_write_json(ckpts / "latest.json", {"dir": name, "images_seen": images_seen})
+    _prune(ckpts, keep=max(1, keep), current=name)
+    return final
+
+
+def _prune(ckpts: Path, keep: int, current: str) -> None:
+    done = sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit())
+    for old in done[:-keep]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpts.glob(".tmp-*"):   # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """({net: state_dict}, state) of a checkpoint folder; NeighbourhoodsError if anything is torn."""
+    nets = {key: load_weights(folder / f"{key}.safetensors") for key in ("G", "G_ema", "D")}
+    path = folder / "state.pt"
+    if not path.is_file():
+        raise NeighbourhoodsError(f"{path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # torn zip, wrong format, or something that is not plain data
+        raise NeighbourhoodsError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or "images_seen" not in state:
+        raise NeighbourhoodsError(f"{path} is not a training state")
+    return nets, state
+
+
+# --- config.json -----------------------------------------------------------------------------------
+def model_args(name: str, res, z_dim: int, class_names: list[str], kwargs: dict) -> dict:
+    """What a loader needs to rebuild G: config.json's "model_args" block (as nanoGPT's)."""
+    return {"name": name, "res": list(res), "z_dim": int(z_dim), "class_names": list(class_names),
+            "kwargs": dict(kwargs)}
+
+
+def read_model_args(config: dict, path: Path) -> dict:
+    """The run's model_args block; runs written before it existed carry the same fields at the top."""
+    if isinstance(config.get("model_args"), dict):
+        return config["model_args"]
+    try:
+        return model_args(config["model"], config["res"], config.get("z_dim", 0), config["class_names"],
+                          config.get("model_kwargs", {}))
+    except KeyError as e:
+        raise NeighbourhoodsError(f"{path} lacks {e}") from None
+
+
+# --- evaluations (written by `evaluate`, read by `report`) ----------------------------------------
+def eval_dir(run_dir: Path, images_seen: int) -> Path:
+    """Where `evaluate` writes the metrics of the checkpoint at `images_seen`."""
+    return Path(run_dir) / "eval" / f"{int(images_seen):010d}"
+
+
+def latest_evaluation(run_dir: Path) -> dict | None:
+    """The metrics.json of the most advanced checkpoint evaluated, or None."""
+    folders = sorted(p for p in (Path(run_dir) / "eval").glob("*") if (p / "metrics.json").is_file())
+    if not folders:
+        return None
+    return json.loads((folders[-1] / "metrics.json").read_text())

@@ -1,0 +1,59 @@
+"""The generator behind the thumbnails: a run's EMA generator or an exported file, as a Source."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from neighbourhoods.core.cities import match_city
+from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.models import runs
+from neighbourhoods.thumbnails.exported import load_exported
+
+
+@dataclass
+class Source:
+    """What thumbnails need from a generator: names, resolution and a deterministic sampler."""
+    class_names: list[str]                                   # conditioning classes, index order
+    res: tuple[int, int]                                     # (H, W) the generator outputs
+    sample: Callable[[list[int], list[int]], np.ndarray]     # (class indices, seeds) -> N x H x W x 3 uint8
+    fingerprint: str                                         # hash of the weights: names the model in ETags
+    label: str = ""                                          # where it came from, for /healthz and manifests
+    images_seen: int = 0
+
+    def class_index(self, city: str) -> int:
+        """Index of `city` (core.cities.match_city); UnknownCity naming close matches."""
+        return match_city(city, self.class_names)
+
+
+def weights_fingerprint(module) -> str:
+    """Hash of a module's weights (names and values): the same in a run and in its export."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def load_source(workspace, run: str, device: str = "cpu", batch_size: int = 64) -> Source:
+    """A run (name under WS/runs or a path) via runs.load_generator, or an exported .pt2 file."""
+    path = Path(run)
+    if path.suffix == ".pt2" or path.is_file():
+        exported = load_exported(path)
+        return Source(class_names=list(exported.class_names), res=tuple(exported.res), sample=exported.sample,
+                      fingerprint=exported.fingerprint, label=str(path), images_seen=exported.images_seen)
+
+    ws = open_workspace(workspace)
+    run_dir = runs.resolve_run(ws, run)
+    gen = runs.load_generator(run_dir, device=device)
+
+    def sample(class_indices: list[int], seeds: list[int]) -> np.ndarray:
+        return runs.sample(gen, list(class_indices), list(seeds), batch_size=batch_size)
+
+    return Source(class_names=list(gen.class_names), res=tuple(gen.res), sample=sample,
+                  fingerprint=weights_fingerprint(gen.model), label=str(run_dir),
+                  images_seen=int(gen.images_seen))

@@ -1,0 +1,258 @@
+"""Training options: one dataclass, and the one place where their values are decided.
+
+A run's options come from three places, merged here and nowhere else (`resolve_run`):
+
+    1. what the caller passed (CLI flags or TrainConfig fields left off their defaults),
+    2. on --resume, the run's own config.json for the fields that define a run (RUN_FIELDS),
+    3. the model's recipe (models.recipe) for fields left at None, then FALLBACK.
+
+Every field is declared once with `option(default, help)`: the CLI's `train` flags, their
+help text and defaults are generated from these declarations (`add_arguments`), so a new
+option is written once. `describe` prints the resolved options as one block, before a run
+starts and for `train --dry-run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from neighbourhoods import models
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import Resolution
+from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.models.runs import read_config
+
+
+def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, flag_help: str | None = None,
+           cli: bool = True, **argparse_kwargs):
+    """A TrainConfig field: its default, its help line, and how the CLI spells the flag (with
+    `flag_help` where the flag says the opposite of the field, as --quiet does for progress)."""
+    meta = {"help": help, "flag": flag, "flag_help": flag_help, "cli": cli, "argparse": argparse_kwargs}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    model: str = option("projected", "registered model: projected (the default) or dcgan (the baseline)")
+    res: Resolution = option(Resolution(64, 64), "height x width to train at; prepared arrays must exist at it "
+                             "(4:3 e.g. 48x64, 96x128)", metavar="HxW")
+    run: str | None = option(None, "run folder under WS/runs (default <model>-<HxW>); under torchrun spell it --name",
+                             flag=("--run", "--name"))
+    resume: bool = option(False, "continue the run from its latest checkpoint")
+    batch: int | None = option(None, "images per step, summed over all processes (default: the model's recipe, else 64)")
+    kimg: float | None = option(500.0, "stop when this many thousand images have been shown in total", group="stop")
+    minutes: float | None = option(None, "stop after this many minutes of training in this call (wall clock)",
+                                   group="stop")
+    lr_g: float | None = option(None, "Adam learning rate of G (default: the model's recipe)")
+    lr_d: float | None = option(None, "Adam learning rate of D (default: the model's recipe)")
+    betas: tuple[float, float] | None = option(None, "Adam betas of both nets, e.g. 0,0.99 (default: the model's recipe)",
+                                               metavar="B1,B2")
+    loss: str | None = option(None, "adversarial loss: bce (non-saturating) or hinge (default: the model's recipe)")
+    augment: str | None = option(None, 'DiffAugment policy for real and fake images before D, e.g. '
+                                 '"color,translation,cutout"; "" = off (default: the model\'s recipe)')
+    mirror: bool | None = option(None, "random left-right flips of the real photos (default: the model's recipe)")
+    ema_kimg: float | None = option(None, "half-life of the EMA of G in thousands of images; 0 = G_ema is a copy of G "
+                                    "(default: the model's recipe, else 10)")
+    ema_rampup: float | None = option(0.05, "EMA half-life at most this fraction of the images seen so far "
+                                      "(None = no ramp-up)")
+    seed: int = option(0, "seeds weights, data order, noise and augmentation")
+    min_city_photos: int = option(50, 'cities with fewer training photos share the "(any city)" class, '
+                                  "which also serves unknown cities")
+    mode_seeking: float | None = option(None, "weight of the mode-seeking (MSGAN) term that keeps one city's samples "
+                                        "diverse; 0 = off (default: the model's recipe, else 0)")
+    any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
+                                      "every city's mix (default: the model's recipe, else 0)")
+    model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
+                                metavar="JSON")
+    snapshot_every: int = option(20_000, "images between checkpoints (one is also written at the start and the end)")
+    sample_every: int = option(10_000, "images between fixed-seed sample grids")
+    tick_every: int = option(1_000, "images between metrics.jsonl / TensorBoard lines")
+    kid_every: int = option(0, "images between KID estimates during training; 0 = off "
+                            "(costs ~1 min per 1000 images on a CPU)")
+    kid_images: int = option(300, "samples per KID estimate (against all held-out photos)")
+    bn_stat_images: int = option(512, "before each snapshot, G_ema's BatchNorm statistics are re-estimated from "
+                                 "this many samples (0 = keep G's)")
+    keep_checkpoints: int = option(3, "most recent checkpoints kept on disk")
+    grid_rows: int = option(12, "cities in the sample grid (those with the most photos)")
+    grid_seeds: int = option(8, "fixed seeds per city in the sample grid (columns)")
+    num_workers: int = option(1, "background threads reading batches from the memory-mapped arrays (0 = inline)",
+                              flag="--workers")
+    device: str = option("cpu", "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    threads: int | None = option(None, "CPU threads torch may use (default: one per core; 1 is faster on a busy machine)")
+    amp: str = option("bf16", "CUDA only: bf16, fp16 (with a GradScaler) or off; the CPU trains in fp32",
+                      choices=["bf16", "fp16", "off"])
+    max_rollbacks: int = option(3, "non-finite losses tolerated (each rolls back to the last checkpoint) before giving up")
+    progress: bool = option(True, "show a progress bar and messages", flag="--quiet",
+                            flag_help="no progress bar or messages")
+
+
+# Fields that define a run: on resume they come from the run's config.json, whatever is passed.
+RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
+              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "model_kwargs", "grid_rows",
+              "grid_seeds")
+# Where neither the caller nor the model's recipe sets a field.
+FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
+            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0}
+# Run fields added after runs were written without them: the value those runs trained with.
+LEGACY = {"mode_seeking": 0.0}
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Fill the fields left at None from the model's recipe, then FALLBACK; check the rest."""
+    recipe = models.recipe(config.model)
+    values = asdict(config)
+    for key in FALLBACK.keys() | {"loss"}:
+        if values[key] is None:
+            values[key] = recipe.get(key, FALLBACK.get(key))
+        if values[key] is None:
+            values[key] = FALLBACK.get(key)
+    values.update(res=models.check_res(config.res, config.model), batch=int(values["batch"]),
+                  lr_g=float(values["lr_g"]), lr_d=float(values["lr_d"]),
+                  betas=tuple(float(b) for b in values["betas"]), ema_kimg=float(values["ema_kimg"]),
+                  augment=values["augment"] or "", mirror=bool(values["mirror"]),
+                  any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0))
+    cfg = TrainConfig(**values)
+    if cfg.loss not in ("bce", "hinge"):
+        raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
+    if cfg.augment:
+        from neighbourhoods.train.augment import parse_policy
+        try:
+            parse_policy(cfg.augment)
+        except ValueError as e:
+            raise NeighbourhoodsError(str(e)) from None
+    if cfg.batch < 1:
+        raise NeighbourhoodsError(f"--batch must be at least 1 (got {cfg.batch})")
+    if cfg.kimg is not None and cfg.kimg <= 0 or cfg.minutes is not None and cfg.minutes <= 0:
+        raise NeighbourhoodsError("--kimg and --minutes must be positive")
+    if cfg.kimg is None and cfg.minutes is None:
+        raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
+    if cfg.mode_seeking < 0:
+        raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
+    if cfg.amp not in ("bf16", "fp16", "off"):
+        raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
+    return cfg
+
+
+def run_name(config: TrainConfig) -> str:
+    name = config.run or f"{config.model}-{Resolution.parse(config.res).name}"
+    if not name or "/" in name or name.startswith("."):
+        raise NeighbourhoodsError(f"bad run name {name!r}: use a plain folder name")
+    return name
+
+
+def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, list[str]]:
+    """(run folder, resolved config, notes for the user): new runs from `config`, resumed runs
+    from their config.json for every RUN_FIELDS field."""
+    name = run_name(config)
+    run_dir = ws.run_dir(name)
+    if not config.resume:
+        if (run_dir / "config.json").is_file():
+            raise NeighbourhoodsError(f"run {name!r} already exists in {ws.runs_dir}: pass --resume to continue it, "
+                                      "or --run NEW_NAME to start another")
+        cfg = resolve_config(config)
+        cfg.run = name
+        return run_dir, cfg, []
+    if not (run_dir / "config.json").is_file():
+        raise NeighbourhoodsError(f"nothing to resume: {run_dir} has no config.json; drop --resume to start it")
+    saved = {**LEGACY, **_saved_fields(read_config(run_dir))}
+    passed = asdict(config)
+    ignored = [k for k in RUN_FIELDS if k in saved and passed[k] is not None
+               and passed[k] != getattr(TrainConfig(), k) and _canon(passed[k]) != _canon(saved[k])]
+    notes = [f"note: resuming with the run's own {', '.join(f'{k}={saved[k]}' for k in ignored)}"] if ignored else []
+    merged = {**passed, **{k: saved[k] for k in RUN_FIELDS if k in saved}, "run": name}
+    return run_dir, resolve_config(TrainConfig(**merged)), notes
+
+
+def _saved_fields(saved: dict) -> dict:
+    out = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}
+    out["res"] = Resolution.parse(out["res"])
+    if out.get("betas") is not None:
+        out["betas"] = tuple(out["betas"])
+    return out
+
+
+def _canon(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def to_json(cfg: TrainConfig) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def describe(cfg: TrainConfig, run_dir: Path) -> str:
+    """The resolved options as one block, as they will be written to config.json."""
+    return f"training options -> {run_dir / 'config.json'}\n" + json.dumps(to_json(cfg), indent=2)
+
+
+# --- the CLI's flags, generated from the fields ---------------------------------------------------------
+def _flag_names(f) -> tuple[str, ...]:
+    flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+    return (flag,) if isinstance(flag, str) else tuple(flag)
+
+
+def _parser_for(hint) -> typing.Callable[[str], object] | None:
+    """The argparse type for a field's annotation (Optional stripped)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    kind = typing.get_origin(args[0]) or args[0]
+    if args[0] is Resolution:
+        return Resolution.parse
+    if kind is tuple:
+        return lambda text: tuple(float(v) for v in text.split(","))
+    if kind is dict:
+        return json.loads
+    return kind if kind in (int, float, str) else None
+
+
+def _argtype(parse, name: str):
+    """A bad value becomes argparse's one-line usage error, not a traceback."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (NeighbourhoodsError, ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"bad value {text!r} for {name}: {e}") from None
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; every flag defaults to None, so an option left out is
+    not passed on and TrainConfig (or the recipe, or the resumed run) decides."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(TrainConfig):
+        if not f.metadata.get("cli", True):
+            continue
+        extra = dict(f.metadata.get("argparse", {}))
+        group = extra.pop("group", None)
+        if group and group not in groups:
+            groups[group] = parser.add_mutually_exclusive_group()
+        target = groups[group] if group else parser
+        names = _flag_names(f)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata["flag_help"] or f.metadata["help"]
+        if "default" not in help_text and default not in (None, {}, "", False, True):
+            help_text += f" (default {Resolution.parse(default).name if isinstance(default, Resolution) else default})"
+        if hints[f.name] is bool:   # resume: a switch; progress: spelled --quiet, its negation
+            action = "store_false" if default else "store_true"
+            target.add_argument(*names, dest=f.name, action=action, default=None, help=help_text)
+            continue
+        if typing.get_args(hints[f.name]) and bool in typing.get_args(hints[f.name]):
+            target.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+            continue
+        parse = _parser_for(hints[f.name])
+        target.add_argument(*names, dest=f.name, default=None, help=help_text.replace("%", "%%"),
+                            type=_argtype(parse, names[0]) if parse not in (None, str) else None, **extra)
+
+
+def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the flags given (others keep TrainConfig's defaults)."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if given.get("minutes") is not None:
+        given["kimg"] = None   # a time budget alone decides
+    return TrainConfig(**given)

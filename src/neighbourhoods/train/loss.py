@@ -1,0 +1,89 @@
+"""What a training step optimises, behind one small interface the loop calls twice.
+
+`GANLoss.discriminator(D, ...)` is D's loss on real and fake images, `GANLoss.generator(D, ...)`
+is G's; the loop owns the forward pass of G, the optimizers and the order of updates (as
+StyleGAN2-ADA's `training/loss.py` and Projected GAN's `ProjectedGANLoss` leave the loop
+alone). A model picks its loss family (bce or hinge) and augmentation in its recipe; another
+loss is another class with the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neighbourhoods.train.augment import diffaugment
+
+
+def _terms(logits) -> list[torch.Tensor]:
+    """D may return one tensor or a list (one per scale); every loss averages over them."""
+    return [t.float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
+
+
+def d_loss(kind: str, real_logits, fake_logits) -> torch.Tensor:
+    real, fake = _terms(real_logits), _terms(fake_logits)
+    if kind == "bce":   # BCE with logits: -log sigmoid(real) - log(1 - sigmoid(fake))
+        parts = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake)]
+    else:
+        parts = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake)]
+    return sum(parts) / len(parts)
+
+
+def g_loss(kind: str, fake_logits) -> torch.Tensor:
+    fake = _terms(fake_logits)
+    if kind == "bce":   # non-saturating: -log sigmoid(fake)
+        parts = [F.softplus(-f).mean() for f in fake]
+    else:
+        parts = [-f.mean() for f in fake]
+    return sum(parts) / len(parts)
+
+
+def pair_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels whose second half repeats the first, so fake i and fake i + N/2 share a city."""
+    half = labels.shape[0] // 2
+    out = labels.clone()
+    out[half:2 * half] = labels[:half]
+    return out
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """MSGAN (Mao et al., CVPR 2019): penalise fakes that differ less than their latents do.
+
+    Pairs fake i with fake i + N/2 (same city, see pair_labels); the term is the mean over
+    pairs of 1 / (mean |x1 - x2| / mean |z1 - z2|), large when two latents give one image.
+    """
+    half = fake.shape[0] // 2
+    if half == 0:
+        return fake.new_zeros(())
+    dx = (fake[:half].float() - fake[half:2 * half].float()).abs().flatten(1).mean(1)
+    dz = (z[:half].float() - z[half:2 * half].float()).abs().mean(1)
+    return (1.0 / (dx / dz + 1e-5)).mean()
+
+
+@dataclass
+class GANLoss:
+    """An adversarial loss with DiffAugment before D and an optional mode-seeking term for G."""
+    kind: str               # "bce" (non-saturating) or "hinge"
+    augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
+    mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
+
+    def aug(self, x: torch.Tensor) -> torch.Tensor:
+        return diffaugment(x, self.augment) if self.augment else x
+
+    def fake_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The cities to draw fakes for: the real batch's, in same-city pairs when mode seeking."""
+        return pair_labels(labels) if self.mode_seeking else labels
+
+    def discriminator(self, D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
+                      fake: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
+        """D's loss; `fake` should be detached from G."""
+        return d_loss(self.kind, D(self.aug(real), labels), D(self.aug(fake), fake_labels))
+
+    def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        loss = g_loss(self.kind, D(self.aug(fake), fake_labels))
+        if self.mode_seeking:
+            loss = loss + self.mode_seeking * mode_seeking_loss(fake, z)
+        return loss
