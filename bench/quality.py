@@ -57,6 +57,7 @@ from neighbourhoods.train import TrainConfig, train  # noqa: E402
 HOLDOUT = 0.15
 GRID_CITIES = 8
 GRID_SEEDS = 8
+MIN_CITY_HOLDOUT = 25   # per-city KID and diversity for cities with at least this many held-out photos
 
 
 def prepare_workspace(data: Path, ws_root: Path, res: tuple[int, int]) -> Workspace:
@@ -82,6 +83,22 @@ def eval_classes(gen: runs.LoadedGenerator, holdout_cities: list[str], n: int, s
     return np.random.default_rng(seed).choice(np.array(per_photo), size=n)
 
 
+def per_city_scores(gen: runs.LoadedGenerator, real_feats: np.ndarray, holdout_cities: list[str],
+                    classes: np.ndarray, feats: np.ndarray, min_holdout: int = MIN_CITY_HOLDOUT) -> list[dict]:
+    """KID and within-city diversity of each city with its own class and enough held-out photos."""
+    out = []
+    cities = np.array(holdout_cities)
+    for c, name in enumerate(gen.class_names):
+        real = real_feats[cities == name]
+        fake = feats[classes == c]
+        if name == runs.ANY_CITY or len(real) < min_holdout or len(fake) < 2:
+            continue
+        mean, std = metrics.kid(real, fake, subset_size=min(len(real), len(fake)))
+        out.append({"city": name, "holdout": int(len(real)), "generated": int(len(fake)), "kid_mean": mean,
+                    "kid_std": std, "diversity": metrics.diversity_ratio(real, fake)})
+    return out
+
+
 def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], top_cities: list[str],
               samples: int, grid_path: Path, device: str = "cpu") -> dict:
     """Sample from the run's EMA generator, KID against the held-out features, and a grid."""
@@ -93,13 +110,15 @@ def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], 
     feats = net.features(images, progress=True, desc=f"inception {run_dir.name}")
     kid_mean, kid_std = metrics.kid(real_feats, feats)
     precision, recall = metrics.precision_recall(real_feats, feats)
+    cities = per_city_scores(gen, real_feats, holdout_cities, classes, feats)
     rows = [c for c in top_cities if c in gen.class_names][:GRID_CITIES]
     grid_classes = [gen.class_names.index(c) for c in rows for _ in range(GRID_SEEDS)]
     grid = runs.sample(gen, grid_classes, list(range(GRID_SEEDS)) * len(rows))
     save_grid(grid_path, grid, GRID_SEEDS, row_names=rows)
     return {"kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
             "samples": samples, "scoring_s": time.time() - t0, "images_seen": gen.images_seen,
-            "grid": str(grid_path), "classes": len(gen.class_names)}
+            "grid": str(grid_path), "classes": len(gen.class_names), "per_city": cities,
+            "within_city_diversity": float(np.mean([c["diversity"] for c in cities])) if cities else None}
 
 
 def _score_to_file(out: Path, *args) -> None:
@@ -121,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=2000, help="generated images scored per model")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    p.add_argument("--train-option", action="append", default=[], metavar="FIELD=JSON",
+                   help="a TrainConfig field for every model, e.g. cond_full_kimg=20 (repeatable)")
+    p.add_argument("--tag", default="", help="suffix of the run names, to compare options in one workspace")
     args = p.parse_args(argv)
     if not (args.data / "listings.csv").is_file():
         raise SystemExit(f"{args.data} has no listings.csv: pass --data .../shared/data/socal")
@@ -143,15 +165,21 @@ def main(argv: list[str] | None = None) -> dict:
               "device": args.device, "load_average_start": os.getloadavg(), "models": {},
               "note": "each model's scoring runs in a child process while the next model trains "
                       "(on a CPU this slows the later models' training a little: conservative for them)"}
+    options = {}
+    for item in args.train_option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    result["train_options"] = options
     ctx = mp.get_context("spawn")
     scorers = []
     for model in args.models.split(","):
-        run_name = f"quality-{model}-{res_name(args.res)}" + (f"-seed{args.seed}" if args.seed else "")
+        run_name = (f"quality-{model}-{res_name(args.res)}" + (f"-seed{args.seed}" if args.seed else "")
+                    + (f"-{args.tag}" if args.tag else ""))
         config = TrainConfig(model=model, res=args.res, run=run_name, seed=args.seed,
                              kimg=None, minutes=args.minutes, device=args.device,
                              # None: each model's recipe batch (the default model 32, dcgan 64 like
                              # pytorch's DCGAN example); --batch overrides for all
-                             batch=args.batch)
+                             batch=args.batch, **options)
         t0 = time.time()
         run_dir = train(ws, config)
         lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -180,7 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
         scores = json.loads(out.read_text())
         result["models"][model].update(scores)
         print(f"{model}: KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}, precision {scores['precision']:.3f}, "
-              f"recall {scores['recall']:.3f}; grid {scores['grid']}", flush=True)
+              f"recall {scores['recall']:.3f}, within-city diversity {scores['within_city_diversity'] or 0:.2f}; "
+              f"grid {scores['grid']}", flush=True)
+        for c in scores["per_city"]:
+            print(f"  {c['city']}: KID {c['kid_mean']:.4f} +- {c['kid_std']:.4f}, diversity {c['diversity']:.2f} "
+                  f"({c['generated']} samples, {c['holdout']} held out)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)   # after each model, so a late failure keeps the first
 
@@ -190,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
             if name != "dcgan":
                 r["kid_ratio_dcgan_over_this"] = base / r["kid_mean"] if r["kid_mean"] > 0 else float("inf")
     atomic_write_json(args.out, result)
-    print(json.dumps({m: {k: r[k] for k in ("images_per_s", "images_seen", "kid_mean", "kid_std", "precision", "recall", "grid")}
+    print(json.dumps({m: {k: r[k] for k in ("images_per_s", "images_seen", "kid_mean", "kid_std", "precision", "recall",
+                                            "within_city_diversity", "grid")}
                       for m, r in result["models"].items()}, indent=2))
     print(f"wrote {args.out}")
     return result

@@ -589,3 +589,46 @@ def test_a_bad_flag_value_is_a_usage_error_not_a_traceback(toy_ws, capsys):
         main(["train", "--workspace", str(toy_ws), "--res", "64"])
     assert exit_info.value.code == 2
     assert "bad value '64' for --res" in capsys.readouterr().err
+
+
+# --- transitional conditioning ---------------------------------------------------------------------
+def test_the_city_signal_fades_in_between_the_two_points():
+    from neighbourhoods.models import cond_scale
+
+    assert [cond_scale(2, 6, n) for n in (0, 2000, 4000, 6000, 9000)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert cond_scale(0, 0, 0) == 1.0                    # off: full strength from the first image
+
+
+def test_an_unconditional_generator_ignores_the_city():
+    from neighbourhoods.models import projected
+
+    G = projected.Generator(3, (32, 32), z_dim=16, max_channels=16, min_channels=8).eval()
+    for layer in G.modules():                            # give the city embedding some effect to remove
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    z = torch.randn(1, 16).repeat(3, 1)
+    with torch.no_grad():
+        assert not torch.allclose(G(z, torch.tensor([0, 1, 2]))[0], G(z, torch.tensor([0, 1, 2]))[1])
+        G.cond_scale = 0.0
+        out = G(z, torch.tensor([0, 1, 2]))
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])
+
+
+def test_a_run_with_transitional_conditioning_resumes_exactly(toy_ws):
+    fade = {"cond_start_kimg": 0.008, "cond_full_kimg": 0.024}
+    whole = train(toy_ws, resume_config("projected", run="tc-whole", kimg=0.032, **fade))
+    train(toy_ws, resume_config("projected", run="tc-part", kimg=0.016, **fade))
+    part = train(toy_ws, resume_config("projected", run="tc-part", kimg=0.032, resume=True, **fade))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert runs.load_generator(part).model.cond_scale == 1.0
+
+
+def test_a_run_stopped_mid_fade_samples_at_the_strength_it_trained_at(toy_ws):
+    run = train(toy_ws, tiny("projected", run="tc-mid", kimg=0.016, cond_start_kimg=0.0, cond_full_kimg=0.032))
+    assert runs.load_generator(run).model.cond_scale == 0.5
+
+
+def test_transitional_conditioning_is_refused_for_a_model_without_it(toy_ws):
+    with pytest.raises(NeighbourhoodsError, match="no transitional conditioning"):
+        train_mod.resolve_config(TrainConfig(model="dcgan", cond_full_kimg=10.0))

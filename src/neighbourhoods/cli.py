@@ -159,7 +159,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--workspace", "-w", required=True, help="workspace folder")
     p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, or an exported .pt2")
     p.add_argument("--city", action="append", default=[], help="city (repeatable), as the run names it")
-    p.add_argument("--all-cities", action="store_true", help="a folder per city the run knows")
+    p.add_argument("--all-cities", action="store_true", help="a folder per conditioning class of the run")
+    p.add_argument("--every-city", action="store_true",
+                   help="a folder per city of the run's data, including small cities drawn from (any city)")
+    p.add_argument("--fallback", choices=["any"], help="draw a --city the data never had from (any city)")
     p.add_argument("-n", type=int, default=16, help="thumbnails per city (seeds SEED .. SEED+n-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed; the same (city, seed) gives the same image")
     p.add_argument("--size", default="256x192", help="thumbnail size WxH (width x height), at most 1024 a side")
@@ -177,7 +180,7 @@ def _run_generate(args) -> None:
 
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
-                         all_cities=args.all_cities)
+                         all_cities=args.all_cities, every_city=args.every_city, fallback=args.fallback)
     manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
     if args.json:
         _print_json(manifest)

@@ -57,7 +57,8 @@ def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> d
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         torch.export.save(program, str(tmp))
-    meta = {"class_names": list(gen.class_names), "res": list(gen.res), "z_dim": int(gen.z_dim),
+    meta = {"class_names": list(gen.class_names), "city_map": gen.city_map.to_json(), "res": list(gen.res),
+            "z_dim": int(gen.z_dim),
             "images_seen": int(gen.images_seen), "fingerprint": weights_fingerprint(gen.model),
             "run": str(runs.resolve_run(ws, run)), "noise": "runs.noise_for_seeds"}
     atomic_write_json(out.with_suffix(".json"), meta)

@@ -46,9 +46,11 @@ class GenerateConfig:
     fmt: str = "jpg"                 # jpg | png | webp
     upscale: str | None = None       # upscaler name (None: the measured best, see docs/serve.md)
     novelty: bool = True             # drop and replace near-copies of training photos
-    batch_size: int = 64             # generator batch
+    batch_size: int = 64             # samples per novelty-guard pass (the generator samples one at a time)
     cities: list[str] = field(default_factory=list)   # empty with all_cities=False is an error
     all_cities: bool = False         # one folder per conditioning class
+    every_city: bool = False         # one folder per city of the run's data, pooled ones included
+    fallback: str | None = None      # "any": a city the data never had is drawn from "(any city)"
 
 
 def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: bool = True) -> dict:
@@ -58,15 +60,17 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     check_seed(config.seed)
     check_seed(config.seed + config.n - 1)
     fmt = parse_format(config.fmt)
-    source = load_source(workspace, run, batch_size=config.batch_size)
+    source = load_source(workspace, run)
     guard = load_guard(workspace, source) if config.novelty else None
     upscaler = get_upscaler(config.upscale, workspace=workspace, res=source.res)
-    if config.all_cities:
-        indices = list(range(len(source.class_names)))
+    if config.every_city:
+        matches = [source.resolve(c) for c in source.city_map.cities]
+    elif config.all_cities:
+        matches = [source.resolve(c) for c in source.class_names]
     elif config.cities:
-        indices = [source.class_index(c) for c in config.cities]
+        matches = [source.resolve(c, config.fallback) for c in config.cities]
     else:
-        raise NeighbourhoodsError("name a city with --city, or use --all-cities")
+        raise NeighbourhoodsError("name a city with --city, or use --all-cities or --every-city")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(config.seed, config.seed + config.n))
@@ -76,27 +80,29 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
                 {"threshold": guard.threshold, "max_attempts": guard.max_attempts},
                 "cities": {}}
     taken: set[str] = set()
-    bar = tqdm(total=len(indices) * len(seeds), unit="img", disable=not progress, desc="generate")
-    for ci in indices:
-        name = source.class_names[ci]
-        folder = slug(name, taken)
+    bar = tqdm(total=len(matches) * len(seeds), unit="img", disable=not progress, desc="generate")
+    for match in matches:
+        folder = slug(match.city, taken)
         (out / folder).mkdir(exist_ok=True)
-        files, thumbs = [], []
+        files, thumbs, replaced = [], [], 0
         for start in range(0, len(seeds), config.batch_size):
             chunk = seeds[start:start + config.batch_size]
-            for s in render_samples(source, [ci] * len(chunk), chunk, guard):
+            # a city drawn from a shared class samples seeds of its own (CityMatch.seed)
+            sampled = [match.seed(s) for s in chunk]
+            for seed, s in zip(chunk, render_samples(source, [match.class_index] * len(chunk), sampled, guard)):
                 img = upscaler.resize(Image.fromarray(s.image), config.size)
-                rel = f"{folder}/{s.seed:06d}.{fmt}"
+                rel = f"{folder}/{seed:06d}.{fmt}"
                 atomic_write_bytes(out / rel, encode(img, fmt))
                 if len(thumbs) < GRID_SAMPLES:
                     thumbs.append(img)
-                files.append({"seed": s.seed, "used_seed": s.used_seed, "file": rel,
-                              "similarity": s.similarity})
+                files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity})
+                replaced += s.used_seed != s.seed   # the guard swapped a near-copy for another seed
                 bar.update(1)
         grid_rel = f"{folder}/grid.png"
         save_grid(out / grid_rel, thumbs, GRID_COLUMNS, pad=2, border=2)
-        manifest["cities"][name] = {"folder": folder, "grid": grid_rel, "files": files,
-                                    "replaced": sum(f["seed"] != f["used_seed"] for f in files)}
+        manifest["cities"][match.city] = {"folder": folder, "grid": grid_rel, "files": files,
+                                          "draws_from": match.draws_from, "fallback": match.fallback,
+                                          "replaced": replaced}
     bar.close()
     atomic_write_json(out / "manifest.json", manifest)
     return manifest

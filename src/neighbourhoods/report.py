@@ -311,7 +311,7 @@ def novelty_section(ws: Workspace, run_dir: Path, evaluation: dict | None, scale
     return "\n".join(parts)
 
 
-def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str) -> str:
+def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=None, seeds: int = 8) -> str:
     if evaluation is None:
         return (f"<p class='note'>No evaluation of this run yet. Run <code>neighbourhoods evaluate --workspace "
                 f"{esc(ws.root)} --run {esc(run_name)}</code> and write the report again.</p>")
@@ -321,6 +321,9 @@ def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str) -> st
             ["KID x1e-3 (mean ± std over subsets)", kid(q["kid"]), kid(floor["kid"]) if floor else "-"],
             ["precision (fidelity)", f"{q['precision']:.3f}", f"{floor['precision']:.3f}" if floor else "-"],
             ["recall (coverage)", f"{q['recall']:.3f}", f"{floor['recall']:.3f}" if floor else "-"]]
+    if q.get("within_city_diversity") is not None:
+        rows.append(["within-city diversity (1.0 = as varied as the city's real photos)",
+                     f"{q['within_city_diversity']:.2f}", "1.00 by construction"])
     for s in ("inception", "efficientnet"):
         if s in nov:
             rows.append([f"memorised, {s} space (threshold {nov[s]['threshold']:.4f})",
@@ -333,9 +336,16 @@ def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str) -> st
             "indistinguishable from the data would score at this size.</p>")
     out = head + table(["metric", "generated", "real-vs-real floor"], rows, cls="metrics")
     if evaluation["per_city"]:
-        out += "<h3>Per-city KID x1e-3</h3>" + table(
-            ["city", "KID", "samples", "held-out photos"],
-            [[esc(c["city"]), kid(c["kid"]), c["generated"], c["holdout"]] for c in evaluation["per_city"]])
+        rows = []
+        for c in evaluation["per_city"]:
+            row = [esc(c["city"]), kid(c["kid"]), f"{c['diversity']:.2f}" if "diversity" in c else "-",
+                   c["generated"], c["holdout"]]
+            if gen is not None and c["city"] in gen.class_names:   # the seeds behind the diversity figure
+                strip = image_row(runs.sample(gen, [gen.class_names.index(c["city"])] * seeds, list(range(seeds))))
+                row.append(img_tag(strip, f"seeds of {c['city']}", width=strip.shape[1] * 2))
+            rows.append(row)
+        out += "<h3>Per city: KID x1e-3 and within-city diversity</h3>" + table(
+            ["city", "KID", "diversity", "samples", "held-out photos"] + (["seeds"] if gen is not None else []), rows)
     return out
 
 
@@ -357,7 +367,7 @@ def build_report(ws: Workspace, run: str, seeds: int = 8, max_cities: int = 16) 
     config = gen.config
     title = f"neighbourhoods report: {run_dir.name}"
     sections = [
-        ("Metrics", metrics_section(evaluation, ws, run_dir.name)),
+        ("Metrics", metrics_section(evaluation, ws, run_dir.name, gen=gen, seeds=seeds)),
         ("Data", data_section(ws, tuple(gen.res))),
         ("Training curves", curves_section(run_dir)),
         ("Progress (fixed seeds over training)", progress_section(run_dir)),

@@ -1,7 +1,7 @@
 """`neighbourhoods serve`: HTTP thumbnails for the website: FastAPI app, micro-batched generator, byte-bounded LRU cache.
 
-    GET /cities                       the cities this generator knows
-    GET /thumbnail?city=&seed=&size=WxH&format=jpg|png|webp
+    GET /cities                       every city of the run's data and the class it is drawn from
+    GET /thumbnail?city=&seed=&size=WxH&format=jpg|png|webp[&fallback=any]
                                       same request -> same bytes; strong ETag, immutable caching
     GET /healthz                      liveness plus model, cache and queue figures
     GET /                             a gallery page to browse cities and samples
@@ -22,13 +22,14 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import quote
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from neighbourhoods.core.cities import UnknownCity
+from neighbourhoods.core.cities import ANY_CITY, UnknownCity
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import MAX_THUMB_SIDE, ThumbSize
 from neighbourhoods.thumbnails.guard import MAX_SEED, Guard, NoNovelSample, load_guard, render_samples
@@ -273,7 +274,11 @@ def create_app(thumbs: Thumbnails):
 
     @app.get("/cities")
     async def cities():
-        return {"cities": [{"name": n, "index": i} for i, n in enumerate(source.class_names)],
+        # every city of the run's data, by its own name, with the class it is drawn from
+        draws = source.city_map.draws_from
+        return {"cities": [{"name": n, "index": source.class_names.index(draws[n]), "draws_from": draws[n],
+                            "own_class": draws[n] == n} for n in source.city_map.cities],
+                "classes": list(source.class_names), "fallbacks": ["any"] if ANY_CITY in source.class_names else [],
                 "default_size": cfg.default_size, "max_side": cfg.max_side, "formats": list(FORMATS)}
 
     @app.api_route("/thumbnail", methods=["GET", "HEAD"])
@@ -281,18 +286,27 @@ def create_app(thumbs: Thumbnails):
                         city: str = Query(..., max_length=300, description="city name, as /cities lists it"),
                         seed: int = Query(..., ge=0, le=MAX_SEED, description="any non-negative integer"),
                         size: str = Query(None, max_length=20, description="WxH, e.g. 256x192"),
-                        format: str = Query("jpg", max_length=10, description="jpg, png or webp")):
+                        format: str = Query("jpg", max_length=10, description="jpg, png or webp"),
+                        fallback: str = Query(None, max_length=10,
+                                              description="any: draw a city the data never had from (any city)")):
         try:
             wh = ThumbSize.parse(size or cfg.default_size, cfg.max_side)
             fmt = parse_format(format)
         except NeighbourhoodsError as e:
             return error(422, str(e))
         try:
-            ci = source.class_index(city)
+            match = source.resolve(city, fallback)
         except UnknownCity as e:
             return error(404, str(e), close_matches=e.matches)
+        except NeighbourhoodsError as e:
+            return error(422, str(e))
+        # a city drawn from a shared class samples seeds of its own: no two cities share a house
+        ci, seed = match.class_index, match.seed(seed)
         etag = thumbs.etag(ci, seed, wh, fmt)
-        headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+        headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL,
+                   "X-City-Drawn-From": quote(match.draws_from)}   # percent-encoded: headers are latin-1
+        if match.fallback:
+            headers["X-City-Fallback"] = "any"
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         try:

@@ -3,13 +3,18 @@
 One matcher for every entry point (a run's LoadedGenerator, the thumbnails' Source, hence
 `generate --city` and `serve ?city=`): the exact name, else the one name equal to it once
 case, spacing and Unicode forms are folded (NFKC, casefold, whitespace collapsed), else
-`UnknownCity` naming the close matches.
+`UnknownCity` naming the close matches. `CityMap` extends the names to every city of the
+data: a city pooled into ANY_CITY at training is still served by its own name.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
 
 from neighbourhoods.core.errors import NeighbourhoodsError
 
@@ -27,7 +32,8 @@ class UnknownCity(NeighbourhoodsError):
     def __init__(self, city: str, matches: list[str], any_city: bool = False):
         self.city, self.matches = city, matches
         hint = f"; close matches: {', '.join(matches)}" if matches else ""
-        fallback = f"; {ANY_CITY!r} stands for cities not trained on" if any_city else ""
+        fallback = (f"; to draw a city the data never had from {ANY_CITY!r}, ask for the fallback "
+                    "(fallback=any, --fallback any)") if any_city else ""
         super().__init__(f"unknown city {city[:200]!r}{hint}{fallback}")
 
 
@@ -49,3 +55,88 @@ def match_city(city: str, names: list[str]) -> int:
     if folded.count(key) == 1:
         return folded.index(key)
     raise UnknownCity(city, close_matches(city, names), any_city=ANY_CITY in names)
+
+
+# --- every city of the data -> what a run draws it from ------------------------------------------
+@dataclass(frozen=True)
+class CityMatch:
+    """A city as a request named it, resolved against a run."""
+    city: str             # the city's own name, as the data spells it
+    class_index: int      # the run's conditioning class it is drawn from
+    draws_from: str       # that class's name: the city itself, or ANY_CITY for a pooled city
+    fallback: bool        # True: the data never had this city and the caller asked for a fallback
+
+    @property
+    def own_class(self) -> bool:
+        return self.draws_from == self.city
+
+    def seed(self, seed: int) -> int:
+        """The seed sampled for (this city, `seed`). A city with its own class samples `seed`;
+        a city drawn from a shared class gets seeds of its own (a hash of its name and `seed`),
+        so two small cities that share "(any city)" never show the same house for one seed."""
+        if self.own_class:
+            return int(seed)
+        digest = hashlib.sha256(f"city-seed:{fold(self.city)}:{int(seed)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") & (2 ** 63 - 1)
+
+
+@dataclass(frozen=True)
+class CityMap:
+    """Every city of the workspace's data -> the conditioning class a run draws it from.
+
+    Cities with enough training photos are their own class; the rest (pooled at training) are
+    drawn from ANY_CITY. `generate`, `serve` and `evaluate` all resolve names through this.
+    """
+    class_names: tuple[str, ...]       # the run's classes, index order
+    draws_from: dict                   # city -> class name; every class name maps to itself
+
+    @classmethod
+    def build(cls, class_names, cities=()) -> CityMap:
+        """From a run's classes and the data's city names (pooled ones go to ANY_CITY, if it exists)."""
+        class_names = tuple(class_names)
+        mapping = {name: name for name in class_names}
+        for city in cities:
+            if city not in mapping and ANY_CITY in class_names:
+                mapping[city] = ANY_CITY
+        return cls(class_names, mapping)
+
+    @classmethod
+    def from_json(cls, class_names, saved: dict | None, merged=()) -> CityMap:
+        """From config.json's "city_map" (or, for runs written before it, their merged_cities)."""
+        if saved:
+            known = set(class_names)
+            return cls(tuple(class_names), {c: k for c, k in saved.items() if k in known} |
+                       {name: name for name in class_names})
+        return cls.build(class_names, merged)
+
+    def to_json(self) -> dict:
+        return dict(self.draws_from)
+
+    @property
+    def cities(self) -> list[str]:
+        """Every name the run serves: its classes first, then the pooled cities, sorted."""
+        own = list(self.class_names)
+        return own + sorted(c for c in self.draws_from if c not in set(own))
+
+    def resolve(self, city: str, fallback: str | None = None) -> CityMatch:
+        """The match for `city` (exact, then folded); with fallback="any", a name the data never
+        had is drawn from ANY_CITY (and says so); otherwise UnknownCity with close matches."""
+        names = self.cities
+        try:
+            name = names[match_city(city, names)]
+        except UnknownCity:
+            if fallback not in (None, "any"):
+                raise NeighbourhoodsError(f"unknown fallback {fallback!r}: use any") from None
+            if fallback == "any" and ANY_CITY in self.class_names:
+                return CityMatch(city=city, class_index=self.class_names.index(ANY_CITY), draws_from=ANY_CITY,
+                                 fallback=True)
+            raise
+        target = self.draws_from[name]
+        return CityMatch(city=name, class_index=self.class_names.index(target), draws_from=target, fallback=False)
+
+    def class_lut(self, label_names) -> np.ndarray:
+        """For each workspace label (and -1 = no label, at the end): the class it draws from, or -1."""
+        any_city = self.class_names.index(ANY_CITY) if ANY_CITY in self.class_names else -1
+        out = [self.class_names.index(self.draws_from[n]) if n in self.draws_from else any_city for n in label_names]
+        out.append(any_city if any_city >= 0 else (0 if len(self.class_names) == 1 else -1))
+        return np.array(out, dtype=np.int64)

@@ -5,7 +5,9 @@ space (inception.py for the weights and the preprocessing protocol):
 
 - FID, and KID as mean and std over random subsets (metrics.py);
 - precision and recall (Kynkaanniemi et al., k=3), in the same Inception space;
-- per-city KID for cities with enough held-out photos;
+- per-city KID for cities with enough held-out photos, and each one's within-city diversity
+  (mean pairwise Inception distance among its samples over the same among its held-out photos;
+  1.0 = as varied as reality, near 0 = one house whatever the seed);
 - the real-vs-real floor: the same metrics between a sample of the training photos and the
   held-out photos, i.e. what a perfect generator would score at this N;
 - novelty (novelty.py): each sample's nearest training photo by cosine similarity in the
@@ -102,7 +104,7 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
         real[name] = {split: split_features(ws, res, split, space, progress=progress) for split in ("holdout", "train")}
     holdout_feats, holdout_ids, holdout_labels = real["inception"]["holdout"]
     label_names = load_label_names(ws)
-    lut = class_of_label(label_names, gen.class_names)
+    lut = class_of_label(label_names, gen.class_names, gen.city_map)
     holdout_class = lut[holdout_labels]            # labels of -1 index the lut's last slot
     usable = holdout_class >= 0
     timings["real_features_s"] = time.monotonic() - t0
@@ -143,7 +145,10 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
         if len(city_gen) < 2:
             continue
         cities.append({"city": name, "holdout": int(rows.sum()), "generated": int(len(city_gen)),
-                       "kid": _kid_dict(holdout_feats[rows], city_gen, cfg)})
+                       "kid": _kid_dict(holdout_feats[rows], city_gen, cfg),
+                       "diversity": metrics.diversity_ratio(holdout_feats[rows], city_gen)})
+    # Within-city variety (1.0 = as varied as the city's real photos), over the cities above.
+    quality["within_city_diversity"] = float(np.mean([c["diversity"] for c in cities])) if cities else None
     timings["quality_s"] = time.monotonic() - t
 
     # Novelty, in both spaces.
@@ -213,9 +218,13 @@ def describe(result: dict) -> str:
         lines.append(f"  real-vs-real floor ({floor['n']} training photos): FID {floor['fid']:.2f}   "
                      f"KID {floor['kid']['mean'] * 1000:.2f} ± {floor['kid']['std'] * 1000:.2f}   "
                      f"precision {floor['precision']:.3f}   recall {floor['recall']:.3f}")
+    if q.get("within_city_diversity") is not None:
+        lines.append(f"  within-city diversity {q['within_city_diversity']:.2f} (1.0 = as varied as the city's "
+                     f"real photos; mean over {len(result['per_city'])} cities)")
     for city in result["per_city"]:
+        diversity = f", diversity {city['diversity']:.2f}" if "diversity" in city else ""
         lines.append(f"  {city['city']}: KID {city['kid']['mean'] * 1000:.2f} ± {city['kid']['std'] * 1000:.2f} "
-                     f"({city['generated']} samples, {city['holdout']} held out)")
+                     f"({city['generated']} samples, {city['holdout']} held out{diversity})")
     for name in SPACES:
         s = n[name]
         lines.append(f"  memorised ({name}): {s['memorisation_rate'] * 100:.1f}% above threshold {s['threshold']:.4f} "

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.prepared import load_label_names
 from neighbourhoods.core.workspace import Workspace
@@ -24,12 +25,13 @@ from neighbourhoods.models import runs
 
 
 # --- which cities to sample ---------------------------------------------------------------------
-def class_of_label(label_names: list[str], class_names: list[str]) -> np.ndarray:
-    """For each workspace label (and -1 = no label, at the end): the run's class, or -1 if none."""
-    any_city = class_names.index(runs.ANY_CITY) if runs.ANY_CITY in class_names else -1
-    out = [class_names.index(name) if name in class_names else any_city for name in label_names]
-    out.append(any_city if any_city >= 0 else (0 if len(class_names) == 1 else -1))
-    return np.array(out, dtype=np.int64)
+def class_of_label(label_names: list[str], class_names: list[str], city_map: CityMap | None = None) -> np.ndarray:
+    """For each workspace label (and -1 = no label, at the end): the run's class, or -1 if none.
+
+    Through the run's city map (a pooled city -> "(any city)"); without one, every label that is
+    not a class is drawn from "(any city)" where the run has it.
+    """
+    return (city_map or CityMap.build(class_names)).class_lut(label_names)
 
 
 def allocate(counts: np.ndarray, n: int) -> np.ndarray:

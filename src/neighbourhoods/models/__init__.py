@@ -14,6 +14,7 @@ A model module may define, beside `build`:
     AUGMENT_POLICY = "color,..."        DiffAugment applied to real and fake images before D
     TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
     build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
+    TRANSITIONAL_CONDITIONING = True    G and D have a `cond_scale` attribute (0..1) weighting the city
     MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
                                         base sides 3..MAX_BASE_SIDE (None: no upper bound)
 """
@@ -89,3 +90,17 @@ def check_res(res, model_name: str | None = None) -> Resolution:
             rules.append(f"{name} needs {level_rule(min_levels, max_base)}")
     who = "no model can train" if model_name is None else f"model {model_name!r} cannot train"
     raise NeighbourhoodsError(f"{who} at {res.name}: {'; '.join(rules)} (e.g. 32x32, 64x64, 48x64, 96x128, 192x256)")
+
+
+def supports_cond_scale(model_name: str) -> bool:
+    """Whether the model's G and D take a `cond_scale` (transitional conditioning)."""
+    return bool(getattr(_module(model_name), "TRANSITIONAL_CONDITIONING", False))
+
+
+def cond_scale(start_kimg: float, full_kimg: float, images_seen: int) -> float:
+    """Strength of the city signal at `images_seen`: 0 until start_kimg, rising linearly to 1 at
+    full_kimg (Shahbazi et al., "Collapse by Conditioning", ICLR 2022); 1 throughout when
+    full_kimg <= start_kimg. A pure function of the run's clock, so resume stays exact."""
+    if full_kimg <= start_kimg:
+        return 1.0
+    return float(min(1.0, max(0.0, (images_seen / 1000 - start_kimg) / (full_kimg - start_kimg))))

@@ -67,6 +67,7 @@ _TAP_CHANNELS = (24, 40, 112, 320)
 
 # Resolutions it builds: base x 2^k with k >= 2, any base of >= 3 px a side (3x4 at 4:3).
 MIN_LEVELS, MAX_BASE_SIDE = 2, None
+TRANSITIONAL_CONDITIONING = True   # G and D weight the city signal by their `cond_scale`
 
 
 # --- generator ------------------------------------------------------------------------------
@@ -168,9 +169,12 @@ class Generator(nn.Module):
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
         self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2]) for i in range(1, levels - 1)})
         self.to_rgb = nn.Conv2d(ch[-1], 3, 3, padding=1)
+        # Strength of the city signal (transitional conditioning, Shahbazi et al. 2022): training
+        # may fade it in from 0 (unconditional); a plain attribute the loop and loaders set, not a weight.
+        self.cond_scale = 1.0
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        e = self.embed(labels)
+        e = self.embed(labels) * self.cond_scale
         x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), -1, *self.base)
         x = F.glu(self.fc_norm(x, e), dim=1)
         feats = [x]
@@ -249,10 +253,10 @@ class ProjectionHead(nn.Module):
         self.embed = nn.Embedding(num_classes, cmap_dim)
         self.cmap_dim = cmap_dim
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, cond_scale: float = 1.0) -> torch.Tensor:
         h = self.body(x)
         proj = (self.cmap(h) * self.embed(labels)[:, :, None, None]).sum(dim=1, keepdim=True)
-        return (self.out(h) + proj / math.sqrt(self.cmap_dim)).flatten(1)
+        return (self.out(h) + cond_scale * proj / math.sqrt(self.cmap_dim)).flatten(1)
 
 
 class ProjectedDiscriminator(nn.Module):
@@ -269,6 +273,7 @@ class ProjectedDiscriminator(nn.Module):
         self.heads = nn.ModuleList(
             ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width, batchnorm=batchnorm)
             for f in probe)
+        self.cond_scale = 1.0   # weight of the class-projection term (transitional conditioning)
 
     def _feature_size(self) -> tuple[int, int]:
         return (round(self.res[0] * self.feature_res), round(self.res[1] * self.feature_res))
@@ -280,7 +285,7 @@ class ProjectedDiscriminator(nn.Module):
         if self.feature_res != 1.0:
             images = F.interpolate(images, size=self._feature_size(), mode="bilinear", align_corners=False)
         feats = self.feature_net(images)
-        return torch.cat([head(f, labels) for head, f in zip(self.heads, feats)], dim=1)
+        return torch.cat([head(f, labels, self.cond_scale) for head, f in zip(self.heads, feats)], dim=1)
 
 
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from neighbourhoods.core.cities import ANY_CITY as ANY_CITY  # re-exported: train, evaluate use runs.ANY_CITY
-from neighbourhoods.core.cities import match_city
+from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.workspace import Workspace, atomic_write_json, fsync_path
 
@@ -149,9 +149,14 @@ class LoadedGenerator:
     images_seen: int              # training progress of the loaded checkpoint
     config: dict = field(repr=False)   # the run's config.json
 
+    @property
+    def city_map(self) -> CityMap:
+        """Every city of the run's data -> the class it is drawn from (pooled cities: ANY_CITY)."""
+        return city_map_of(self.config, self.class_names)
+
     def class_index(self, city: str) -> int:
-        """Index of `city` (see core.cities.match_city); UnknownCity naming close matches."""
-        return match_city(city, self.class_names)
+        """The class `city` is drawn from (core.cities.CityMap); UnknownCity naming close matches."""
+        return self.city_map.resolve(city).class_index
 
 
 def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
@@ -166,6 +171,9 @@ def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
     path = folder / "G_ema.safetensors"
     load_state_into(model, load_weights(path), path)
     model.to(device).eval().requires_grad_(False)
+    if hasattr(model, "cond_scale"):   # a run stopped mid-fade samples with the strength it trained at
+        model.cond_scale = models.cond_scale(config.get("cond_start_kimg") or 0.0, config.get("cond_full_kimg") or 0.0,
+                                             images_seen)
     return LoadedGenerator(model=model, class_names=list(args["class_names"]), res=tuple(args["res"]),
                            z_dim=int(model.z_dim), images_seen=images_seen, config=config)
 
@@ -241,6 +249,11 @@ def model_args(name: str, res, z_dim: int, class_names: list[str], kwargs: dict)
     """What a loader needs to rebuild G: config.json's "model_args" block (as nanoGPT's)."""
     return {"name": name, "res": list(res), "z_dim": int(z_dim), "class_names": list(class_names),
             "kwargs": dict(kwargs)}
+
+
+def city_map_of(config: dict, class_names: list[str]) -> CityMap:
+    """config.json's city_map (runs written before it: their classes plus merged_cities)."""
+    return CityMap.from_json(class_names, config.get("city_map"), config.get("merged_cities", []))
 
 
 def read_model_args(config: dict, path: Path) -> dict:

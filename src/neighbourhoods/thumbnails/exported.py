@@ -1,7 +1,7 @@
 """Reading a generator written by `neighbourhoods export` (the writing is export.py's).
 
     OUT.pt2    torch.export ExportedProgram: graph + weights, dynamic batch dimension
-    OUT.json   class_names, res, z_dim, images_seen, weights fingerprint, noise recipe
+    OUT.json   class_names, city_map, res, z_dim, images_seen, weights fingerprint, noise recipe
 
 The program loads with torch.export.load (weights through the weights-only loader, no
 pickled Python) and runs without the `models` package; the latent of each seed is drawn
@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models.runs import noise_for_seeds
 
@@ -32,6 +33,7 @@ class ExportedGenerator:
     images_seen: int
     fingerprint: str                # weights fingerprint of the run it was exported from
     module: Callable                # (z, labels) -> N x H x W x 3 uint8 tensor
+    city_map: CityMap | None = None # every city of the run's data -> its class
 
     def sample(self, class_indices: list[int], seeds: list[int], batch_size: int = 64) -> np.ndarray:
         """uint8 N x H x W x 3; image i depends only on (class_indices[i], seeds[i]) and the weights."""
@@ -59,4 +61,5 @@ def load_exported(path) -> ExportedGenerator:
     meta = json.loads(meta_path.read_text())
     return ExportedGenerator(path=path, class_names=list(meta["class_names"]), res=tuple(meta["res"]),
                              z_dim=int(meta["z_dim"]), images_seen=int(meta["images_seen"]),
-                             fingerprint=str(meta["fingerprint"]), module=module)
+                             fingerprint=str(meta["fingerprint"]), module=module,
+                             city_map=CityMap.from_json(meta["class_names"], meta.get("city_map")))

@@ -24,6 +24,7 @@ from neighbourhoods import models
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import Workspace
+from neighbourhoods.models import cond_scale
 from neighbourhoods.models.runs import read_config
 
 
@@ -66,6 +67,12 @@ class TrainConfig:
                                   "which also serves unknown cities")
     mode_seeking: float | None = option(None, "weight of the mode-seeking (MSGAN) term that keeps one city's samples "
                                         "diverse; 0 = off (default: the model's recipe, else 0)")
+    cond_start_kimg: float | None = option(None, "transitional conditioning: train unconditionally (no city signal "
+                                           "in G or D) for this many thousand images (default: the model's recipe, "
+                                           "else 0)")
+    cond_full_kimg: float | None = option(None, "...then fade the city signal in, reaching full strength at this many "
+                                          "thousand images; <= cond_start_kimg: no fade (default: the model's "
+                                          "recipe, else 0)")
     any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
                                       "every city's mix (default: the model's recipe, else 0)")
     model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
@@ -94,13 +101,13 @@ class TrainConfig:
 
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
-              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "model_kwargs", "grid_rows",
-              "grid_seeds")
+              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "cond_start_kimg",
+              "cond_full_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
-            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0}
+            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0}
+LEGACY = {"mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -116,7 +123,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   lr_g=float(values["lr_g"]), lr_d=float(values["lr_d"]),
                   betas=tuple(float(b) for b in values["betas"]), ema_kimg=float(values["ema_kimg"]),
                   augment=values["augment"] or "", mirror=bool(values["mirror"]),
-                  any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0))
+                  any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0),
+                  cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
+                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0))
     cfg = TrainConfig(**values)
     if cfg.loss not in ("bce", "hinge"):
         raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
@@ -134,6 +143,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
     if cfg.mode_seeking < 0:
         raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
+    if cfg.cond_start_kimg < 0 or cfg.cond_full_kimg < 0:
+        raise NeighbourhoodsError("--cond-start-kimg and --cond-full-kimg must be >= 0")
+    if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
+        raise NeighbourhoodsError(f"model {cfg.model!r} has no transitional conditioning: "
+                                  "leave --cond-start-kimg and --cond-full-kimg at 0")
     if cfg.amp not in ("bf16", "fp16", "off"):
         raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
     return cfg

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.workspace import Workspace, atomic_write_json
+from neighbourhoods.models import cond_scale
 from neighbourhoods.models.runs import (
     ANY_CITY,
     generate_images,
@@ -154,6 +156,9 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             labels = labels.to(device, non_blocking=True)
             z = torch.randn(run.batch_local, nets.G.z_dim, device=device)
 
+            # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in).
+            set_cond_scale(nets, cfg, state.images_seen)
+
             # Sample fakes for the real photos' cities (in same-city pairs when mode seeking);
             # one G forward serves both updates, as in the reference DCGAN loop.
             fake_labels = loss.fake_labels(labels)
@@ -272,12 +277,22 @@ def run_config(cfg: TrainConfig, nets: Nets, data: TrainingData) -> dict:
             "class_names": data.class_names,
             "class_counts": np.bincount(data.classes, minlength=len(data.class_names)).tolist(),
             "merged_cities": data.merged, "train_photos": len(data.split),
+            # every city of the data -> the class it is drawn from, so pooled cities serve by name
+            "city_map": CityMap.build(data.class_names, data.split.label_names).to_json(),
             "grid": {"classes": data.grid_classes, "seeds": data.grid_seeds},
             "model_args": model_args(cfg.model, cfg.res, nets.G.z_dim, data.class_names, cfg.model_kwargs)}
 
 
+def set_cond_scale(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
+    """Set G's, G_ema's and D's city-signal strength for this point of the run."""
+    if cfg.cond_full_kimg > cfg.cond_start_kimg:
+        scale = cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, images_seen)
+        nets.G.cond_scale = nets.G_ema.cond_scale = nets.D.cond_scale = scale
+
+
 def calibrate(run: Run, nets: Nets, state: TrainState) -> None:
     """Standing BatchNorm statistics for G_ema before it is saved or sampled (same on every rank)."""
+    set_cond_scale(nets, run.cfg, state.images_seen)
     if state.bn_calibrated_at != state.images_seen:
         standing_bn_stats(nets.G_ema, run.data.class_weights, run.cfg.bn_stat_images, max(run.batch_local, 64),
                           seed=run.cfg.seed * 7919 + state.images_seen)
