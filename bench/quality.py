@@ -4,6 +4,7 @@
     python bench/quality.py --minutes 3 --samples 500         # a quick look
     python bench/quality.py --res 96x128 --minutes 8 --device cuda
     python bench/quality.py --seed 1 --workspace WS --out bench/results/quality-seed1.json   # another seed
+    python bench/quality.py --models projected --tag tc --train-option cond_full_kimg=20   # an option A/B
 
 On ../shared/data/socal (real SoCal listing exteriors with their cities):
 1. ingest into a fresh workspace (or --workspace, reused if already ingested) with a fixed
@@ -16,6 +17,9 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    them against the held-out photos by KID in the standard FID Inception space
    (neighbourhoods.inception + neighbourhoods.metrics.kid: mean and std over 100 subsets);
    (neighbourhoods.metrics.precision_recall, k=3, is reported beside it: recall is diversity);
+   and, per city with its own class and at least 25 held-out photos, KID and within-city
+   diversity (mean pairwise Inception distance among its samples over the same among its
+   held-out photos: 1.0 = as varied as the real photos);
 4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
    JSON to --out (default bench/results/quality.json), and print a summary.
 Each model is scored in a child process while the next one trains (scoring 2,000 images through

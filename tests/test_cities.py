@@ -4,12 +4,12 @@ share a house for one seed; unknown names are a 404 unless a fallback is asked f
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from toy_run import make_toy_workspace
 
 from neighbourhoods.core.cities import ANY_CITY, CityMap, UnknownCity
 from neighbourhoods.generate import GenerateConfig, generate
@@ -64,20 +64,9 @@ def test_evaluate_draws_each_held_out_city_from_the_class_the_map_names():
 @pytest.fixture(scope="module")
 def pooled_run(tmp_path_factory):
     """Toy town (3 cities x 12 photos) plus 'Tinyville' (3 photos, pooled into (any city))."""
-    from neighbourhoods.demo.toytown import draw_toytown
-    from neighbourhoods.ingest import ingest
     from neighbourhoods.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("cities")
-    photos, labels = draw_toytown(root / "toytown", cities=("Pinecrest", "Sunvale", "Harborview"), per_city=12)
-    extra, extra_labels = draw_toytown(root / "tiny", cities=("Tinyville",), per_city=3, seed=1)
-    for f in extra.iterdir():
-        shutil.copy(f, photos / f"tiny-{f.name}")
-    with open(labels, "a") as out:
-        for line in extra_labels.read_text().splitlines()[1:]:
-            out.write(f"tiny-{line}\n")
-    ws = root / "ws"
-    ingest(photos, ws, labels=labels, res=[(32, 32)], holdout=0.25, holdout_min=10, workers=1, progress=False)
+    ws = make_toy_workspace(tmp_path_factory.mktemp("cities"), res=((32, 32),))
     config = TrainConfig(model="dcgan", res=(32, 32), batch=8, kimg=0.016, min_city_photos=5, run="pooled",
                          model_kwargs=TINY_DCGAN, snapshot_every=8, sample_every=10_000, tick_every=8,
                          grid_rows=4, grid_seeds=2, bn_stat_images=16, num_workers=0, progress=False)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from toy_run import make_toy_workspace
 
 from neighbourhoods import train as train_mod
 from neighbourhoods.cli import main
@@ -33,23 +34,6 @@ TINY = {
     "dcgan": {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
     "projected": {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8},
 }
-
-
-def make_toy_workspace(root: Path, res=((32, 32), (48, 64))) -> Path:
-    """Toy town (3 cities x 12 photos + 'Tinyville' with 3) ingested at `res`; no holdout."""
-    from neighbourhoods.demo.toytown import draw_toytown
-    from neighbourhoods.ingest import ingest
-
-    photos, labels = draw_toytown(root / "toytown", cities=("Pinecrest", "Sunvale", "Harborview"), per_city=12)
-    extra, extra_labels = draw_toytown(root / "tiny", cities=("Tinyville",), per_city=3, seed=1)
-    for f in extra.iterdir():
-        shutil.copy(f, photos / f"tiny-{f.name}")
-    with open(labels, "a") as out:
-        for line in extra_labels.read_text().splitlines()[1:]:
-            out.write(f"tiny-{line}\n")
-    ws = root / "ws"
-    ingest(photos, ws, labels=labels, res=list(res), holdout_min=1000, workers=1, progress=False)
-    return ws
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -22,6 +22,20 @@ MIN_RES_SIDE, MAX_RES_SIDE = 8, 4096       # prepared arrays / training
 MIN_THUMB_SIDE, MAX_THUMB_SIDE = 8, 1024   # thumbnails written or served
 
 
+def _pair(value, what: str, text_form: str, pair_form: str) -> tuple[int, int]:
+    """Two integers from 'AxB' or from a pair, in the order given; NeighbourhoodsError otherwise."""
+    if isinstance(value, str):
+        m = _PAIR.fullmatch(value)
+        if not m:
+            raise NeighbourhoodsError(f"bad {what} {value!r}: expected {text_form}")
+        return int(m.group(1)), int(m.group(2))
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise NeighbourhoodsError(f"bad {what} {value!r}: expected {pair_form}") from None
+    return a, b
+
+
 class Resolution(NamedTuple):
     """Height x width of generated or prepared images."""
     h: int
@@ -30,16 +44,7 @@ class Resolution(NamedTuple):
     @classmethod
     def parse(cls, value) -> Resolution:
         """'96x128', (96, 128) or a Resolution -> Resolution; NeighbourhoodsError otherwise."""
-        if isinstance(value, str):
-            m = _PAIR.fullmatch(value)
-            if not m:
-                raise NeighbourhoodsError(f"bad resolution {value!r}: expected HxW, e.g. 64x64 or 96x128")
-            h, w = int(m.group(1)), int(m.group(2))
-        else:
-            try:
-                h, w = (int(v) for v in value)
-            except (TypeError, ValueError):
-                raise NeighbourhoodsError(f"bad resolution {value!r}: expected (height, width)") from None
+        h, w = _pair(value, "resolution", "HxW, e.g. 64x64 or 96x128", "(height, width)")
         if not (MIN_RES_SIDE <= h <= MAX_RES_SIDE and MIN_RES_SIDE <= w <= MAX_RES_SIDE):
             raise NeighbourhoodsError(f"bad resolution {h}x{w}: each side must be between {MIN_RES_SIDE} "
                                       f"and {MAX_RES_SIDE}")
@@ -83,16 +88,7 @@ class ThumbSize(NamedTuple):
     @classmethod
     def parse(cls, value, max_side: int = MAX_THUMB_SIDE) -> ThumbSize:
         """'256x192' (width first) or (256, 192) -> ThumbSize; NeighbourhoodsError otherwise."""
-        if isinstance(value, str):
-            m = _PAIR.fullmatch(value)
-            if not m:
-                raise NeighbourhoodsError(f"bad size {value!r}: expected WxH, e.g. 256x192")
-            w, h = int(m.group(1)), int(m.group(2))
-        else:
-            try:
-                w, h = (int(v) for v in value)
-            except (TypeError, ValueError):
-                raise NeighbourhoodsError(f"bad size {value!r}: expected (width, height)") from None
+        w, h = _pair(value, "size", "WxH, e.g. 256x192", "(width, height)")
         if not (MIN_THUMB_SIDE <= w <= max_side and MIN_THUMB_SIDE <= h <= max_side):
             raise NeighbourhoodsError(f"bad size {value!r}: each side must be between {MIN_THUMB_SIDE} "
                                       f"and {max_side} px")
