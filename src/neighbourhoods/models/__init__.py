@@ -1,7 +1,6 @@
 """Model registry: every model is a (G, D) pair built from (num_classes, res, **kwargs).
 
     build(model_name, num_classes, res, **kwargs) -> (G, D)
-    LOSSES[model_name]  -> "bce" or "hinge"
     recipe(model_name)  -> the model's training defaults (lr, betas, EMA, augmentation, ...)
 
 Contract (see also notes in runs.py): G is an nn.Module with attribute `z_dim` and
@@ -30,12 +29,6 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import Resolution, level_rule
 
 MODELS = ("projected", "dcgan")   # registered names; the first is the default
-
-LOSSES = {
-    "projected": "hinge",
-    "dcgan": "bce",
-}
-
 
 def _module(model_name: str) -> ModuleType:
     if model_name not in MODELS:
@@ -66,7 +59,7 @@ def build_generator(model_name: str, num_classes: int, res: tuple[int, int], **k
 def recipe(model_name: str) -> dict:
     """Training defaults the model was designed with: loss, augmentation, and TRAIN_DEFAULTS."""
     module = _module(model_name)
-    out = {"loss": getattr(module, "LOSS", LOSSES.get(model_name, "hinge")),
+    out = {"loss": getattr(module, "LOSS", "hinge"),
            "augment": getattr(module, "AUGMENT_POLICY", "")}
     out.update(getattr(module, "TRAIN_DEFAULTS", {}))
     return out

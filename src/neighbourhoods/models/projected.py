@@ -21,7 +21,7 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
 
 Contract with train.py (models/__init__.py registers this as "projected", the default):
     build(num_classes, res, **kwargs) -> (G, D)
-    LOSSES["projected"] = "hinge"
+    LOSS = "hinge"
     AUGMENT_POLICY below: the DiffAugment policy to apply to BOTH real and fake images
       before D (neighbourhoods.train.augment.diffaugment(x, AUGMENT_POLICY)).
     TRAIN_DEFAULTS: the recipe (lr, betas, EMA, mirror, batch): TrainConfig fields left at None
