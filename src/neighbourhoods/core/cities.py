@@ -10,6 +10,7 @@ data: a city pooled into ANY_CITY at training is still served by its own name.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import unicodedata
 from dataclasses import dataclass
@@ -112,18 +113,28 @@ class CityMap:
     def to_json(self) -> dict:
         return dict(self.draws_from)
 
-    @property
+    @functools.cached_property
     def cities(self) -> list[str]:
         """Every name the run serves: its classes first, then the pooled cities, sorted."""
-        own = list(self.class_names)
-        return own + sorted(c for c in self.draws_from if c not in set(own))
+        own = set(self.class_names)
+        return list(self.class_names) + sorted(c for c in self.draws_from if c not in own)
+
+    @functools.cached_property
+    def _by_fold(self) -> dict[str, str]:
+        """Each folded form that only one name has -> that name: match_city's second rule,
+        precomputed, since serve resolves a name per request."""
+        folded: dict[str, list[str]] = {}
+        for name in self.cities:
+            folded.setdefault(fold(name), []).append(name)
+        return {f: names[0] for f, names in folded.items() if len(names) == 1}
 
     def resolve(self, city: str, fallback: str | None = None) -> CityMatch:
         """The match for `city` (exact, then folded); with fallback="any", a name the data never
         had is drawn from ANY_CITY (and says so); otherwise UnknownCity with close matches."""
-        names = self.cities
+        name = city if city in self.draws_from else self._by_fold.get(fold(city))
         try:
-            name = names[match_city(city, names)]
+            if name is None:
+                name = self.cities[match_city(city, self.cities)]   # raises UnknownCity with close matches
         except UnknownCity:
             if fallback not in (None, "any"):
                 raise NeighbourhoodsError(f"unknown fallback {fallback!r}: use any") from None
