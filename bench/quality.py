@@ -5,6 +5,7 @@
     python bench/quality.py --res 96x128 --minutes 8 --device cuda
     python bench/quality.py --seed 1 --workspace WS --out bench/results/quality-seed1.json   # another seed
     python bench/quality.py --models projected --tag tc --train-option cond_full_kimg=20   # an option A/B
+    python bench/quality.py --models projected --res 64x64,96x128 --served 128x96 --minutes 30   # the website's size
 
 On ../shared/data/socal (real SoCal listing exteriors with their cities):
 1. ingest into a fresh workspace (or --workspace, reused if already ingested) with a fixed
@@ -20,6 +21,10 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    and, per city with its own class and at least 25 held-out photos, KID and within-city
    diversity (mean pairwise Inception distance among its samples over the same among its
    held-out photos: 1.0 = as varied as the real photos);
+   with --served WxH, the same samples are also scored as thumbnails: through generate's and
+   serve's path at that size (the workspace's upscaler, crop to fill, JPEG), against the held-out
+   photos read from their files and cropped to that size (neighbourhoods.evaluate's helpers);
+   with several --res, every model trains at each (same budget each) and all meet at that size;
 4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
    JSON to --out (default bench/results/quality.json), and print a summary.
 Each model is scored in a child process while the next one trains (scoring 2,000 images through
@@ -49,14 +54,17 @@ sys.path.insert(0, str(REPO / "src"))
 
 from neighbourhoods.core.grid import save_grid  # noqa: E402
 from neighbourhoods.core.prepared import load_split  # noqa: E402
-from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
+from neighbourhoods.core.resolution import ThumbSize, parse_res, res_name  # noqa: E402
 from neighbourhoods.core.workspace import Workspace, atomic_write_json  # noqa: E402
+from neighbourhoods.evaluate import real_photos_at, served_thumbnails  # noqa: E402
 from neighbourhoods.ingest import ingest  # noqa: E402
 from neighbourhoods.metrics import scores as metrics  # noqa: E402
 from neighbourhoods.metrics.features import split_features  # noqa: E402
+from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate  # noqa: E402
 from neighbourhoods.models import runs  # noqa: E402
 from neighbourhoods.nets import inception  # noqa: E402
 from neighbourhoods.train import TrainConfig, train  # noqa: E402
+from neighbourhoods.upscale import ensure_sr  # noqa: E402
 
 HOLDOUT = 0.15
 GRID_CITIES = 8
@@ -104,8 +112,9 @@ def per_city_scores(gen: runs.LoadedGenerator, real_feats: np.ndarray, holdout_c
 
 
 def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], top_cities: list[str],
-              samples: int, grid_path: Path, device: str = "cpu") -> dict:
-    """Sample from the run's EMA generator, KID against the held-out features, and a grid."""
+              samples: int, grid_path: Path, device: str = "cpu", served: dict | None = None) -> dict:
+    """Sample from the run's EMA generator, KID against the held-out features, and a grid;
+    `served` ({"size", "workspace", "real_feats"}): the same at thumbnail size."""
     gen = runs.load_generator(run_dir, device=device)
     classes = eval_classes(gen, holdout_cities, samples)
     t0 = time.time()
@@ -115,11 +124,32 @@ def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], 
     kid_mean, kid_std = metrics.kid(real_feats, feats)
     precision, recall = metrics.precision_recall(real_feats, feats)
     cities = per_city_scores(gen, real_feats, holdout_cities, classes, feats)
+    # novelty as the guard sees it: the share of samples nearer a training photo than 99% of the
+    # held-out photos are (instance conditioning draws from photos' features: it must not copy them)
+    index = NoveltyIndex.build(Workspace(run_dir.parent.parent), gen.res, progress=False, device=device)
+    sims, _ = index.nearest(images)
+    novelty = {"threshold": index.threshold, "memorisation_rate": memorisation_rate(sims, index.threshold),
+               "nearest_similarity_median": float(np.median(sims))}
     rows = [c for c in top_cities if c in gen.class_names][:GRID_CITIES]
     grid_classes = [gen.class_names.index(c) for c in rows for _ in range(GRID_SEEDS)]
     grid = runs.sample(gen, grid_classes, list(range(GRID_SEEDS)) * len(rows))
     save_grid(grid_path, grid, GRID_SEEDS, row_names=rows)
-    return {"kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
+    at_size = None
+    if served is not None:
+        ws, size = Workspace(Path(served["workspace"])), tuple(served["size"])
+        thumbs, upscale = served_thumbnails(ws, gen.res, images, size, progress=False)
+        sfeats = net.features(thumbs, progress=True, desc=f"inception {run_dir.name} at {size[0]}x{size[1]}")
+        s_mean, s_std = metrics.kid(served["real_feats"], sfeats)
+        s_precision, s_recall = metrics.precision_recall(served["real_feats"], sfeats)
+        s_cities = per_city_scores(gen, served["real_feats"], holdout_cities, classes, sfeats)
+        grid_thumbs, _ = served_thumbnails(ws, gen.res, grid, (256, 192) if size[0] * 3 == size[1] * 4 else size,
+                                           progress=False)
+        thumb_grid = grid_path.with_name(grid_path.stem + "-thumbnails.png")
+        save_grid(thumb_grid, grid_thumbs, GRID_SEEDS, row_names=rows)
+        at_size = {"size": f"{size[0]}x{size[1]}", "upscale": upscale, "kid_mean": s_mean, "kid_std": s_std,
+                   "precision": s_precision, "recall": s_recall, "per_city": s_cities, "grid": str(thumb_grid),
+                   "within_city_diversity": float(np.mean([c["diversity"] for c in s_cities])) if s_cities else None}
+    return {"served": at_size, "novelty": novelty, "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
             "samples": samples, "scoring_s": time.time() - t0, "images_seen": gen.images_seen,
             "grid": str(grid_path), "classes": len(gen.class_names), "per_city": cities,
             "within_city_diversity": float(np.mean([c["diversity"] for c in cities])) if cities else None}
@@ -136,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "socal",
                    help="the socal folder (images/ + listings.csv)")
     p.add_argument("--workspace", type=Path, default=None, help="workspace folder (default: a new one under /tmp)")
-    p.add_argument("--res", type=parse_res, default=(64, 64), help="training resolution HxW")
+    p.add_argument("--res", type=lambda t: [parse_res(r) for r in t.split(",")], default=[(64, 64)],
+                   help="training resolution(s) HxW, comma-separated: each model trains at each")
+    p.add_argument("--served", type=ThumbSize.parse, default=None, metavar="WxH",
+                   help="also score every run's thumbnails at this size (e.g. 128x96), against the held-out photos "
+                        "at that size")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
     p.add_argument("--models", default="dcgan,projected", help="comma-separated registered model names")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's recipe, else train's default)")
@@ -152,17 +186,28 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"{args.data} has no listings.csv: pass --data .../shared/data/socal")
 
     ws_root = args.workspace or Path(tempfile.mkdtemp(prefix="neighbourhoods-quality-"))
-    ws = prepare_workspace(args.data, ws_root, args.res)
-    holdout = load_split(ws, args.res, "holdout")
-    train_split = load_split(ws, args.res, "train")
+    for res in args.res:
+        ws = prepare_workspace(args.data, ws_root, res)
+    first = args.res[0]
+    holdout = load_split(ws, first, "holdout")
+    train_split = load_split(ws, first, "train")
     holdout_cities = [holdout.label_names[i] for i in holdout.labels if i >= 0]
     counts = np.bincount(train_split.labels[train_split.labels >= 0], minlength=len(train_split.label_names))
     top_cities = [train_split.label_names[i] for i in np.argsort(-counts, kind="stable")]
     print(f"workspace {ws_root}: {len(train_split)} training photos, {len(holdout)} held out", flush=True)
 
-    real_feats, _, _ = split_features(ws, args.res, "holdout", "inception", progress=True, device=args.device)
+    real_feats = {res: split_features(ws, res, "holdout", "inception", progress=True, device=args.device)[0]
+                  for res in args.res}
+    served = None
+    if args.served is not None:   # the held-out photos from their files, cropped to the thumbnail size
+        ensure_sr(ws_root)        # the website path's upscaler, trained once per workspace before any budget
+        photos = real_photos_at(ws, holdout.photo_ids[holdout.labels >= 0], tuple(args.served))
+        served = {"size": list(args.served), "workspace": str(ws_root),
+                  "real_feats": inception.load_fid_inception(device=args.device).features(
+                      photos, progress=True, desc=f"inception of held-out photos at {args.served.name}")}
 
-    result = {"data": str(args.data), "workspace": str(ws_root), "res": list(args.res),
+    result = {"data": str(args.data), "workspace": str(ws_root), "res": [list(r) for r in args.res],
+              "served": args.served.name if args.served else None,
               "minutes_per_model": args.minutes, "train_photos": len(train_split), "holdout_photos": len(holdout),
               "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "seed": args.seed, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -176,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["train_options"] = options
     ctx = mp.get_context("spawn")
     scorers = []
-    for model in args.models.split(","):
-        run_name = (f"quality-{model}-{res_name(args.res)}" + (f"-seed{args.seed}" if args.seed else "")
+    for res, model in [(r, m) for r in args.res for m in args.models.split(",")]:
+        key = model if len(args.res) == 1 else f"{model}-{res_name(res)}"
+        run_name = (f"quality-{model}-{res_name(res)}" + (f"-seed{args.seed}" if args.seed else "")
                     + (f"-{args.tag}" if args.tag else ""))
-        config = TrainConfig(model=model, res=args.res, run=run_name, seed=args.seed,
+        config = TrainConfig(model=model, res=res, run=run_name, seed=args.seed,
                              kimg=None, minutes=args.minutes, device=args.device,
                              # None: each model's recipe batch (the default model 32, dcgan 64 like
                              # pytorch's DCGAN example); --batch overrides for all
@@ -190,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_s = lines[-1]["time_s"] if lines and "time_s" in lines[-1] else time.time() - t0
         progress = sorted(str(p) for p in (run_dir / "samples").glob("progress-*.png"))
         images_seen = runs.latest_checkpoint(run_dir)[1]
-        result["models"][model] = {
+        result["models"][key] = {
             "run": str(run_dir), "train_s": train_s, "train_wall_s": time.time() - t0,
             "images_seen": images_seen, "images_per_s": images_seen / max(train_s, 1e-9),
             "batch": json.loads((run_dir / "config.json").read_text())["batch"], "progress_grid": progress[-1] if progress else None,
@@ -199,11 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         out = run_dir / "bench-score.json"
         out.unlink(missing_ok=True)
-        proc = ctx.Process(target=_score_to_file, args=(out, run_dir, real_feats, holdout_cities, top_cities,
+        proc = ctx.Process(target=_score_to_file, args=(out, run_dir, real_feats[res], holdout_cities, top_cities,
                                                         args.samples, run_dir / "samples" / f"bench-{model}.png",
-                                                        args.device))
+                                                        args.device, served))
         proc.start()
-        scorers.append((model, proc, out))
+        scorers.append((key, proc, out))
 
     for model, proc, out in scorers:
         proc.join()
@@ -212,11 +258,16 @@ def main(argv: list[str] | None = None) -> dict:
         scores = json.loads(out.read_text())
         result["models"][model].update(scores)
         print(f"{model}: KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}, precision {scores['precision']:.3f}, "
-              f"recall {scores['recall']:.3f}, within-city diversity {scores['within_city_diversity'] or 0:.2f}; "
-              f"grid {scores['grid']}", flush=True)
+              f"recall {scores['recall']:.3f}, within-city diversity {scores['within_city_diversity'] or 0:.2f}, "
+              f"memorised {scores['novelty']['memorisation_rate'] * 100:.1f}%; grid {scores['grid']}", flush=True)
         for c in scores["per_city"]:
             print(f"  {c['city']}: KID {c['kid_mean']:.4f} +- {c['kid_std']:.4f}, diversity {c['diversity']:.2f} "
                   f"({c['generated']} samples, {c['holdout']} held out)", flush=True)
+        if scores["served"]:
+            sv = scores["served"]
+            print(f"{model} as {sv['size']} thumbnails ({sv['upscale']}): KID {sv['kid_mean']:.4f} +- {sv['kid_std']:.4f}, "
+                  f"precision {sv['precision']:.3f}, recall {sv['recall']:.3f}, within-city diversity "
+                  f"{sv['within_city_diversity'] or 0:.2f}; grid {sv['grid']}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)   # after each model, so a late failure keeps the first
 

@@ -193,3 +193,52 @@ def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
     changed = photo_features(ws, (8, 8), images, rows, ids, space, progress=False)
     assert calls == [4, 2, 1]
     assert not np.allclose(changed[3], first[3]) and np.array_equal(np.delete(changed, 3, 0), np.delete(first, 3, 0))
+
+
+# --- scored as served --------------------------------------------------------------------------
+def test_evaluate_at_served_size_scores_thumbnails_against_photos_cropped_to_it(toy):
+    cfg = ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3, size=(40, 30), upscale="lanczos")
+    result = ev.evaluate(toy.ws, toy.run, cfg, progress=False)
+    assert result["scored_at"] == "40x30 thumbnails (lanczos, jpg)"
+    assert result["path"].endswith("metrics-40x30.json")        # beside the native evaluation, not over it
+    native = ev.evaluate(toy.ws, toy.run, ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3), progress=False)
+    assert native["path"].endswith("metrics.json") and native["scored_at"] == "32x32 samples"
+    assert result["quality"]["kid"]["mean"] != native["quality"]["kid"]["mean"]
+    assert result["quality"]["fid"] > 2 * result["real_vs_real_floor"]["fid"]   # grey blobs stay far from photos
+
+
+def test_real_photos_at_a_size_are_their_files_cropped_to_fill(toy):
+    from PIL import Image
+
+    from neighbourhoods.core import catalog
+    from neighbourhoods.thumbnails.upscalers import cover_box
+
+    holdout = load_split(toy.ws, RES, "holdout")
+    photos = ev.real_photos_at(toy.ws, holdout.photo_ids[:3], (40, 30), progress=False)
+    assert photos.shape == (3, 30, 40, 3) and photos.dtype == np.uint8
+    con = catalog.connect(toy.ws.catalog_path)
+    path = con.execute("SELECT path FROM photos WHERE id = ?", (int(holdout.photo_ids[0]),)).fetchone()[0]
+    con.close()
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        expected = np.asarray(im.resize((40, 30), Image.LANCZOS, box=cover_box(im.size, (40, 30))))
+    assert np.array_equal(photos[0], expected)
+
+
+def test_served_thumbnails_are_what_generate_writes(toy, tmp_path):
+    from PIL import Image
+
+    from neighbourhoods.generate import GenerateConfig, generate
+    from neighbourhoods.models import runs
+
+    out = tmp_path / "gen"
+    manifest = generate(toy.ws.root, toy.run, out, GenerateConfig(n=2, size=(40, 30), upscale="lanczos",
+                                                                  novelty=False, cities=[CITIES[0]]), progress=False)
+    gen = runs.load_generator(toy.run_dir)
+    files = manifest["cities"][CITIES[0]]["files"]
+    match = gen.city_map.resolve(CITIES[0])            # a city of its own class: its seeds are the seeds
+    samples = runs.sample(gen, [match.class_index] * 2, [match.seed(f["seed"]) for f in files])
+    thumbs, name = ev.served_thumbnails(toy.ws, RES, samples, (40, 30), "lanczos", "jpg", progress=False)
+    assert name == "lanczos"
+    for f, t in zip(files, thumbs):
+        assert np.array_equal(np.asarray(Image.open(out / f["file"]).convert("RGB")), t)

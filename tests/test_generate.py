@@ -222,3 +222,16 @@ def test_upscalers_restore_real_photos_better_than_nearest_neighbour(shared_data
             gains.append(psnr(get_upscaler(name).resize(small, (128, 96)), real)
                          - psnr(small.resize((128, 96), Image.NEAREST), real))
         assert np.mean(gains) > 0, name
+
+
+def test_the_website_path_trains_the_workspace_upscaler_once_on_its_training_photos(tmp_path):
+    from toy_run import make_toy_workspace
+
+    from neighbourhoods.upscale import ensure_sr
+
+    ws = make_toy_workspace(tmp_path, res=((32, 32),))
+    assert get_upscaler(None, workspace=ws).name == "lanczos"
+    meta = ensure_sr(ws, progress=False, steps=3)
+    assert meta["n_photos"] == 39                      # every kept photo (no holdout in this workspace)
+    assert get_upscaler(None, workspace=ws).name == "espcn"
+    assert ensure_sr(ws, progress=False, steps=3) is None   # once per workspace

@@ -616,3 +616,67 @@ def test_a_run_stopped_mid_fade_samples_at_the_strength_it_trained_at(toy_ws):
 def test_transitional_conditioning_is_refused_for_a_model_without_it(toy_ws):
     with pytest.raises(NeighbourhoodsError, match="no transitional conditioning"):
         train_mod.resolve_config(TrainConfig(model="dcgan", cond_full_kimg=10.0))
+
+
+# --- speed defaults and the resolution the photos support -------------------------------------------
+def test_mixed_precision_follows_the_device_and_the_cpu():
+    from neighbourhoods.train import distributed
+
+    cpu = torch.device("cpu")
+    assert distributed.autocast_dtype("off", cpu) is None
+    assert distributed.autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(NeighbourhoodsError, match="fp16 needs CUDA"):
+        distributed.autocast_dtype("fp16", cpu)
+    auto = distributed.autocast_dtype("auto", cpu)
+    assert auto == (torch.bfloat16 if distributed.cpu_has_native_bf16() else None)
+    assert distributed.autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_bf16_on_the_cpu_trains_and_resumes_exactly(toy_ws):
+    whole = train(toy_ws, resume_config("projected", run="bf16-whole", amp="bf16"))
+    train(toy_ws, resume_config("projected", run="bf16-part", amp="bf16", kimg=0.016))
+    part = train(toy_ws, resume_config("projected", run="bf16-part", amp="bf16", resume=True))
+    fp32 = train(toy_ws, resume_config("projected", run="fp32-whole", amp="off"))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert any(not torch.equal(weights(whole)[k], weights(fp32)[k]) for k in weights(whole))   # it did use bf16
+
+
+def test_the_reader_thread_is_on_for_cuda_only(toy_ws, monkeypatch):
+    seen = []
+    real = train_data.BatchReader.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(args[7])    # workers
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_data.BatchReader, "__init__", spy)
+    train(toy_ws, tiny(run="workers-default", num_workers=None))
+    train(toy_ws, tiny(run="workers-2", num_workers=2))
+    assert seen == [0, 2]
+
+
+def test_supported_resolution_is_the_largest_of_the_photos_aspect_they_cover():
+    from neighbourhoods.core.resolution import supported_resolution
+
+    assert supported_resolution(128, 96) == (96, 128)       # socal: 4:3, nothing enlarged
+    assert supported_resolution(640, 480) == (384, 512)
+    assert supported_resolution(100, 100) == (64, 64)
+    assert supported_resolution(96, 128) == (128, 96)       # portrait
+    assert supported_resolution(130, 90) == (48, 64)        # 96 rows would need enlarging
+    assert supported_resolution(12, 12) is None
+
+
+def test_ingest_reports_the_supported_size_and_train_notes_a_run_far_below_it(tmp_path, capsys):
+    from neighbourhoods.demo.toytown import draw_toytown
+    from neighbourhoods.ingest import ingest
+
+    photos, labels = draw_toytown(tmp_path / "town", cities=("Pinecrest", "Sunvale"), per_city=12)
+    summary = ingest(photos, tmp_path / "ws", labels=labels, res=[(32, 32), (96, 128)], holdout_min=1000,
+                     workers=1, progress=False)
+    assert summary.photo_size == "128x96" and summary.supported_res == "96x128"
+    assert "train at --res 96x128" in summary.describe()
+    cfg = tiny(run="low", min_city_photos=5, progress=True)
+    train(tmp_path / "ws", cfg)
+    captured = capsys.readouterr()
+    assert "the photos support 96x128" in captured.out + captured.err

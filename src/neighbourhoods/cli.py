@@ -13,7 +13,7 @@ import os
 import sys
 
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.resolution import parse_res
+from neighbourhoods.core.resolution import ThumbSize, parse_res
 
 
 def _arg(parse):
@@ -175,7 +175,6 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> None:
-    from neighbourhoods.core.resolution import ThumbSize
     from neighbourhoods.generate import GenerateConfig, describe, generate
 
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
@@ -269,6 +268,9 @@ def _add_train(sub) -> None:
     p.add_argument("--workspace", "-w", required=True, help="workspace folder (after ingest)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit without training")
     add_arguments(p)
+    p.add_argument("--no-upscaler", action="store_true",
+                   help="skip training the workspace's x2 upscaler after the run (done once per workspace, on its "
+                        "training photos, when it has none: the upscaler generate and serve use by default)")
     p.set_defaults(func=_run_train)
 
 
@@ -282,6 +284,12 @@ def _run_train(args) -> None:
         return
     run_dir = train(args.workspace, config)
     if os.environ.get("RANK", "0") == "0":   # one line, not one per torchrun process
+        if not args.no_upscaler:
+            from neighbourhoods.upscale import ensure_sr
+            meta = ensure_sr(args.workspace, progress=config.progress)
+            if meta and config.progress:
+                print(f"trained the workspace's x2 upscaler on {meta['n_photos']} photos (L1 {meta['final_l1']:.4f})",
+                      file=sys.stderr)
         print(run_dir)
 
 
@@ -294,6 +302,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--min-city-holdout", type=int, default=25, help="per-city KID for cities with at least this many held-out photos")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--size", type=ThumbSize.parse, default=None, metavar="WxH",
+                   help="score the thumbnails as generate/serve make them at this size (e.g. 128x96, 256x192), "
+                        "against the held-out photos cropped to that size (default: the samples themselves)")
+    p.add_argument("--upscale", default=None, help="the served path's upscaler (default: what generate and serve use)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=_run_evaluate)
 
@@ -301,7 +313,8 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> None:
     from neighbourhoods.evaluate import EvaluateConfig, describe, evaluate
 
-    config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device)
+    config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device,
+                            size=args.size, upscale=args.upscale)
     result = evaluate(args.workspace, args.run, config, progress=not args.json)
     if args.json:
         _print_json(result)

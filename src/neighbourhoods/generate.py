@@ -17,7 +17,7 @@ from tqdm import tqdm
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.grid import save_grid
 from neighbourhoods.core.resolution import ThumbSize
-from neighbourhoods.core.workspace import atomic_write_bytes, atomic_write_json
+from neighbourhoods.core.workspace import atomic_write_bytes, atomic_write_json, make_folder
 from neighbourhoods.thumbnails.guard import check_seed, load_guard, render_samples
 from neighbourhoods.thumbnails.postprocess import encode, parse_format
 from neighbourhoods.thumbnails.source import load_source
@@ -72,7 +72,7 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     else:
         raise NeighbourhoodsError("name a city with --city, or use --all-cities or --every-city")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "output")
     seeds = list(range(config.seed, config.seed + config.n))
     manifest = {"run": source.label, "images_seen": source.images_seen, "model_fingerprint": source.fingerprint,
                 "generator_res": list(source.res), "size": f"{config.size[0]}x{config.size[1]}", "format": fmt,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from neighbourhoods.core import catalog
 from neighbourhoods.core.catalog import SUGGESTIONS
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.locks import writing_workspace
 from neighbourhoods.core.workspace import Workspace, open_workspace
 
 
@@ -35,6 +36,12 @@ def load_clusters(ws: Workspace) -> dict:
 
 def select(workspace, clusters: list[int] | None = None, auto: str | None = None) -> SelectSummary:
     """Mark kept photos in `clusters` (or in the clusters suggested as `auto`) selected, all others not."""
+    with writing_workspace(open_workspace(workspace).root, "select"):
+        return _select_locked(workspace, clusters, auto)
+
+
+def _select_locked(workspace, clusters: list[int] | None = None, auto: str | None = None) -> SelectSummary:
+    """select() under the workspace lock."""
     ws = open_workspace(workspace)
     info = load_clusters(ws)
     known = {c["cluster"]: c for c in info["clusters"]}

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.locks import writing_workspace
 from neighbourhoods.core.workspace import atomic_path, atomic_write_json
 from neighbourhoods.thumbnails.upscalers import SR_FILE, SRConfig, build_sr, cover_box, sr_dir
 
@@ -31,7 +32,13 @@ def _photo_paths(photos) -> list[Path]:
 
 def train_sr(workspace, photos, cfg: SRConfig | None = None, max_photos: int = 2000,
              progress: bool = True) -> dict:
-    """Train the x2 ESPCN on real photos (downscaled with Lanczos -> original); write safetensors."""
+    """Train the x2 ESPCN on real photos (downscaled with Lanczos -> original); write safetensors.
+    Holds the workspace lock while it does."""
+    with writing_workspace(Path(workspace), "upscale"):
+        return _train_sr_locked(workspace, photos, cfg, max_photos, progress)
+
+
+def _train_sr_locked(workspace, photos, cfg: SRConfig | None, max_photos: int, progress: bool) -> dict:
     import torch
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -87,3 +94,24 @@ def train_sr(workspace, photos, cfg: SRConfig | None = None, max_photos: int = 2
     atomic_write_json((out / SR_FILE).with_suffix(".json"), meta)
     return meta
 
+
+
+def ensure_sr(workspace, progress: bool = True, steps: int | None = None) -> dict | None:
+    """Train the workspace's upscaler on its own kept training photos unless it has one: the
+    step of the website path (train, then serve) that makes `espcn` the served default.
+    Returns the training metadata, or None when the weights were already there."""
+    from neighbourhoods.core import catalog
+    from neighbourhoods.core.workspace import open_workspace
+
+    ws = open_workspace(workspace)
+    if (sr_dir(ws.root) / SR_FILE).is_file():
+        return None
+    con = catalog.connect(ws.catalog_path)
+    try:
+        paths = [r[0] for r in con.execute("SELECT path FROM photos WHERE status = 'kept' AND "
+                                           "(split IS NULL OR split != 'holdout') ORDER BY id")]
+    finally:
+        con.close()
+    if not paths:
+        return None
+    return train_sr(ws.root, paths, SRConfig() if steps is None else SRConfig(steps=steps), progress=progress)

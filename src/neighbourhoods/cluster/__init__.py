@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageOps
 from neighbourhoods.cluster.embed import EmbedSummary, check_res, embed_photos, get_extractor, load_embeddings
 from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.locks import writing_workspace
 from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, open_workspace
 from neighbourhoods.nets.efficientnet import IMAGENET_GROUPS
 from neighbourhoods.nets.imagenet_classes import IMAGENET_CLASSES
@@ -228,6 +229,13 @@ def _write_page(ws: Workspace, summary: ClusterSummary) -> Path:
 def cluster(workspace, config: ClusterConfig | None = None, progress: bool = True,
             on_chunk=None) -> ClusterSummary:
     """Embed new kept photos, cluster all of them, write the catalog's `cluster` column and the sheets."""
+    with writing_workspace(open_workspace(workspace).root, "cluster"):
+        return _cluster_locked(workspace, config, progress, on_chunk)
+
+
+def _cluster_locked(workspace, config: ClusterConfig | None = None, progress: bool = True,
+            on_chunk=None) -> ClusterSummary:
+    """cluster() under the workspace lock."""
     config = config or ClusterConfig()
     ws = open_workspace(workspace)
     check_res(config.res)

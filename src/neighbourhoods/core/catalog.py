@@ -45,5 +45,18 @@ def connect(path: str | Path) -> sqlite3.Connection:
     return con
 
 
+def read_meta(path: str | Path, key: str) -> str | None:
+    """One value of a catalog's meta table, read-only; None where the catalog or key is missing."""
+    try:
+        con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=60)
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 # What `cluster` suggests a cluster is, and so what `select --auto` takes.
 SUGGESTIONS = ("exteriors", "interiors", "documents", "other")

@@ -110,3 +110,19 @@ def parse_res(text: str) -> Resolution:
 def res_name(res) -> str:
     """'HxW' of a Resolution or an (H, W) pair: folder and run names."""
     return Resolution.parse(res).name
+
+
+# Aspects a generator is built at (base H x W, doubled k times): square, 4:3 landscape, 3:4 portrait.
+_BASES = ((4, 4), (3, 4), (4, 3))
+
+
+def supported_resolution(width: int, height: int, min_levels: int = 2) -> Resolution | None:
+    """The largest resolution of the photos' nearest aspect that a `width` x `height` photo
+    covers without enlarging (socal's 128x96 photos: 96x128), or None if below 16 px."""
+    aspect = width / max(height, 1)
+    base = min(_BASES, key=lambda b: abs(b[1] / b[0] - aspect))
+    k = min_levels
+    while base[0] * 2 ** (k + 1) <= height and base[1] * 2 ** (k + 1) <= width:
+        k += 1
+    res = Resolution(base[0] * 2 ** k, base[1] * 2 ** k)
+    return res if res.h <= height and res.w <= width else None

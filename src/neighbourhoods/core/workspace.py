@@ -59,10 +59,23 @@ class Workspace:
 def open_workspace(path: str | os.PathLike, create: bool = False) -> Workspace:
     root = Path(path).expanduser().resolve()
     if create:
-        root.mkdir(parents=True, exist_ok=True)
+        make_folder(root, "workspace")
     elif not (root / "catalog.sqlite").is_file():
         raise NeighbourhoodsError(f"{root} is not a workspace (no catalog.sqlite): run `neighbourhoods ingest` first")
     return Workspace(root)
+
+
+def make_folder(path: Path, what: str) -> Path:
+    """mkdir -p `path`, or a one-line error saying why not (a file in the way, no permission)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            raise NeighbourhoodsError(f"cannot use {path} as the {what} folder: {p} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NeighbourhoodsError(f"cannot create the {what} folder {path}: {e.strerror or e}") from None
+    return path
 
 
 def fsync_path(path: Path) -> None:

@@ -19,6 +19,7 @@ from neighbourhoods.report import write_report
 from neighbourhoods.select import select
 from neighbourhoods.serve import serve_command
 from neighbourhoods.train import TrainConfig, train
+from neighbourhoods.upscale import ensure_sr
 
 DEMO_RES = ((64, 64), (48, 64))   # square for the quick GAN, 4:3 like listing thumbnails
 TOY_CITIES = ("Pinecrest", "Sunvale", "Harborview", "Brickton")
@@ -58,6 +59,8 @@ def demo(workspace="neighbourhoods-demo", data=None, labels=None, file_column: s
     say(f"== train ({minutes:g} min)")
     run_dir = train(ws, TrainConfig(res=DEMO_RES[0], run="demo", minutes=minutes, kimg=None,
                                     min_city_photos=20 if toy else 50, progress=progress))
+    say("== upscaler (the workspace's own x2 ESPCN, which generate and serve use)")
+    ensure_sr(ws, progress=progress)
     say("== evaluate")
     metrics = evaluate(ws, run_dir.name, EvaluateConfig(n=eval_samples), progress=progress)
     report = write_report(ws, run_dir.name)

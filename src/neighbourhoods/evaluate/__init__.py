@@ -25,11 +25,13 @@ The cheap KID for training curves (TrainConfig.kid_every) is metrics/quick_kid.p
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from neighbourhoods.core.errors import NeighbourhoodsError
@@ -61,6 +63,9 @@ class EvaluateConfig:
     figure_pairs: int = 24        # most train-like samples kept (with their nearest photos) for the report
     batch_size: int = 32          # images per feature-network batch
     device: str = "cpu"           # "cpu" or "cuda[:N]" for the generator and the feature networks
+    size: tuple[int, int] | None = None   # (W, H): score thumbnails as served at this size (None: the samples)
+    upscale: str | None = None    # the upscaler of the served path (None: what generate and serve use)
+    fmt: str = "jpg"              # the served encoding (decoded again before scoring)
 
 
 def sample_images(gen: runs.LoadedGenerator, classes: np.ndarray, seeds: np.ndarray, batch_size: int = 64,
@@ -120,10 +125,19 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
                  for name, space in spaces.items()}
     timings["sample_features_s"] = time.monotonic() - t
 
-    # Quality, in the Inception space.
+    # Quality, in the Inception space: of the samples themselves, or (--size) of the thumbnails
+    # as generate and serve make them, against the held-out photos brought to that size.
     t = time.monotonic()
+    served = None
+    if cfg.size is not None:
+        served = served_quality_inputs(ws, res, cfg, images, holdout_ids, real["inception"]["train"][1],
+                                       spaces["inception"], progress)
+        holdout_feats = served["holdout"]
+        real["inception"]["train"] = (served["train"],) + tuple(real["inception"]["train"][1:])
+        g = served["generated"]
+    else:
+        g = gen_feats["inception"]
     real_inc = holdout_feats[usable]
-    g = gen_feats["inception"]
     precision, recall = metrics.precision_recall(real_inc, g, k=cfg.pr_k)
     quality = {"fid": metrics.fid(real_inc, g), "kid": _kid_dict(real_inc, g, cfg),
                "precision": precision, "recall": recall}
@@ -177,7 +191,9 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
         "n_generated": int(cfg.n), "n_holdout": int(usable.sum()), "n_train": int(len(train_inc)),
         "holdout_without_class": int((~usable).sum()),
         "feature_protocol": {name: space.protocol for name, space in spaces.items()},
-        "config": asdict(cfg), "quality": quality, "real_vs_real_floor": floor, "per_city": cities,
+        "config": asdict(cfg), "scored_at": (f"{cfg.size[0]}x{cfg.size[1]} thumbnails ({served['upscale']}, "
+                                             f"{cfg.fmt})" if served else f"{res_name(res)} samples"),
+        "quality": quality, "real_vs_real_floor": floor, "per_city": cities,
         "novelty": {k: ({kk: vv for kk, vv in v.items() if kk != "holdout_similarity"} if isinstance(v, dict) else v)
                     for k, v in novelty.items()},
         "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -185,9 +201,69 @@ def evaluate(workspace: Workspace | str, run: str, config: EvaluateConfig | None
     }
     out_dir = eval_dir(run_dir, gen.images_seen)
     _write_novelty_figure_data(out_dir / "novelty.npz", images, gen_classes, gen.class_names, nearest, novelty, cfg)
-    result["path"] = str(out_dir / "metrics.json")
-    atomic_write_json(out_dir / "metrics.json", result)
+    name = "metrics.json" if cfg.size is None else f"metrics-{cfg.size[0]}x{cfg.size[1]}.json"   # beside, not over
+    result["path"] = str(out_dir / name)
+    atomic_write_json(out_dir / name, result)
     return result
+
+
+def served_quality_inputs(ws: Workspace, res: tuple[int, int], cfg: EvaluateConfig, images: np.ndarray,
+                          holdout_ids: np.ndarray, train_ids: np.ndarray, space, progress: bool) -> dict:
+    """Inception features at the served size: the samples through the exact thumbnail path
+    (upscaler, crop to fill, encode, decode), and the real photos from their files, cropped to
+    fill the same size (so the real side is what a photo on the page would look like). The train
+    photos (for the real-vs-real floor) are a sample of at most `cfg.n`."""
+    size = tuple(cfg.size)
+    thumbs, upscale = served_thumbnails(ws, res, images, size, cfg.upscale, cfg.fmt, progress)
+    # the real-vs-real floor below scores these train rows (the same draw): only they are read
+    rng = np.random.default_rng(cfg.seed)
+    floor_rows = rng.choice(len(train_ids), min(cfg.n, len(train_ids)), replace=False)
+    out = {"upscale": upscale, "generated": space.extract(thumbs, progress=progress, desc="inception of thumbnails"),
+           "holdout": space.extract(real_photos_at(ws, holdout_ids, size, progress), progress=progress,
+                                    desc="inception of held-out photos at served size")}
+    out["train"] = np.zeros((len(train_ids), out["holdout"].shape[1]), np.float32)
+    out["train"][floor_rows] = space.extract(real_photos_at(ws, train_ids[floor_rows], size, progress),
+                                             progress=progress, desc="inception of train photos at served size")
+    return out
+
+
+def served_thumbnails(ws: Workspace, res: tuple[int, int], images: np.ndarray, size: tuple[int, int],
+                      upscale: str | None = None, fmt: str = "jpg", progress: bool = True) -> tuple[np.ndarray, str]:
+    """(uint8 N x H x W x 3 thumbnails, upscaler name): samples through generate's and serve's
+    path at `size` (W, H): the workspace's upscaler, crop to fill, encoded, then decoded."""
+    from neighbourhoods.thumbnails.postprocess import encode, parse_format
+    from neighbourhoods.thumbnails.upscalers import get_upscaler
+
+    fmt = parse_format(fmt)
+    upscaler = get_upscaler(upscale, workspace=ws.root, res=res)
+    out = np.empty((len(images), size[1], size[0], 3), np.uint8)
+    for i, im in enumerate(tqdm(images, desc="thumbnails", disable=not progress)):
+        data = encode(upscaler.resize(Image.fromarray(np.ascontiguousarray(im)), tuple(size)), fmt)
+        out[i] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return out, upscaler.name
+
+
+def real_photos_at(ws: Workspace, photo_ids: np.ndarray, size: tuple[int, int], progress: bool = True) -> np.ndarray:
+    """uint8 N x H x W x 3: catalogued photos read from their files (EXIF-turned), cropped to
+    fill `size` (W, H), centred, and resized with Lanczos as ingest does."""
+    from neighbourhoods.core import catalog
+    from neighbourhoods.thumbnails.upscalers import cover_box
+
+    con = catalog.connect(ws.catalog_path)
+    try:
+        paths = dict(con.execute("SELECT id, path FROM photos WHERE status = 'kept'").fetchall())
+    finally:
+        con.close()
+    out = np.empty((len(photo_ids), size[1], size[0], 3), np.uint8)
+    for i, pid in enumerate(tqdm(photo_ids, desc="real photos at served size", disable=not progress)):
+        try:
+            with Image.open(paths[int(pid)]) as img:
+                img = ImageOps.exif_transpose(img).convert("RGB")
+                out[i] = np.asarray(img.resize(size, Image.LANCZOS, box=cover_box(img.size, size)))
+        except (OSError, KeyError) as e:
+            raise NeighbourhoodsError(f"evaluate --size reads the held-out photos' files: photo {int(pid)} "
+                                      f"({paths.get(int(pid), 'not in the catalog')}) failed: {e}") from None
+    return out
 
 
 def _write_novelty_figure_data(path: Path, images: np.ndarray, classes: np.ndarray, class_names: list[str],
@@ -210,7 +286,8 @@ def _write_novelty_figure_data(path: Path, images: np.ndarray, classes: np.ndarr
 def describe(result: dict) -> str:
     q, n = result["quality"], result["novelty"]
     lines = [f"run {result['run']} at {result['images_seen'] / 1000:.1f} kimg, {res_name(tuple(result['res']))}: "
-             f"{result['n_generated']} samples vs {result['n_holdout']} held-out photos",
+             f"{result['n_generated']} samples vs {result['n_holdout']} held-out photos, scored as "
+             f"{result.get('scored_at', 'samples')}",
              f"  FID {q['fid']:.2f}   KID {q['kid']['mean'] * 1000:.2f} ± {q['kid']['std'] * 1000:.2f} (x1e-3)   "
              f"precision {q['precision']:.3f}   recall {q['recall']:.3f}"]
     floor = result.get("real_vs_real_floor")

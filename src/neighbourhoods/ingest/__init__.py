@@ -36,7 +36,8 @@ from tqdm import tqdm
 from neighbourhoods import models
 from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.resolution import res_name
+from neighbourhoods.core.locks import writing_workspace
+from neighbourhoods.core.resolution import res_name, supported_resolution
 from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
 from neighbourhoods.ingest.decode import DecodeSettings, decode_one
 from neighbourhoods.ingest.labels import match_labels, read_labels
@@ -77,6 +78,8 @@ class IngestSummary:
     malformed_label_rows: list[str] = field(default_factory=list)
     unreadable_paths: list[str] = field(default_factory=list)   # folders we may not list, dangling links
     prepared: list[str] = field(default_factory=list)           # resolutions written, 'HxW'
+    photo_size: str | None = None     # median kept photo, 'WxH' (as image tools write it)
+    supported_res: str | None = None  # the largest training resolution of that aspect it covers, 'HxW'
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -89,7 +92,8 @@ class IngestSummary:
                 "ambiguous_labels": len(self.ambiguous_labels),
                 "malformed_label_rows": len(self.malformed_label_rows),
                 "unreadable_paths": len(self.unreadable_paths),
-                "prepared": self.prepared, "workspace": self.workspace, "seconds": round(self.seconds, 2)}
+                "prepared": self.prepared, "photo_size": self.photo_size, "supported_res": self.supported_res,
+                "workspace": self.workspace, "seconds": round(self.seconds, 2)}
 
     def describe(self) -> str:
         def examples(items: list[str], n: int = 5) -> str:
@@ -122,6 +126,9 @@ class IngestSummary:
             lines.append(f"  {len(self.unreadable_paths)} paths could not be listed or read (not in the catalog): "
                          f"{examples(self.unreadable_paths, 3)}")
         lines.append(f"  prepared    {', '.join(self.prepared)} (uint8 arrays in prepared/)")
+        if self.supported_res:
+            lines.append(f"  photo size  {self.photo_size} (median, W x H): train at --res {self.supported_res} for "
+                         f"the website (its own aspect, nothing enlarged); 64x64 for quick runs")
         return "\n".join(lines)
 
 
@@ -395,8 +402,19 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
     """Catalog every file under `photos` into `workspace` and prepare arrays at each of `res`.
 
     Safe to re-run and to kill: only new or changed files are decoded again, and the result is
-    the same as one uninterrupted run. Returns the summary (`.to_json()`, `.describe()`).
+    the same as one uninterrupted run. Holds the workspace lock (core/locks.py): a second
+    ingest, or one while a run trains, is refused. Returns the summary (`.to_json()`, `.describe()`).
     """
+    if not Path(photos).expanduser().is_dir():
+        raise NeighbourhoodsError(f"photos folder {Path(photos).expanduser().resolve()} not found")
+    ws = open_workspace(workspace, create=True)
+    with writing_workspace(ws.root, "ingest"):
+        return _ingest_locked(photos, workspace, labels, file_column, label_column, res, fit, min_side, max_pixels,
+                              holdout, holdout_min, near_duplicate_distance, workers, progress)
+
+
+def _ingest_locked(photos, workspace, labels, file_column, label_column, res, fit, min_side, max_pixels,
+                   holdout, holdout_min, near_duplicate_distance, workers, progress) -> IngestSummary:
     started = time.monotonic()
     root = Path(photos).expanduser().resolve()
     if not root.is_dir():
@@ -456,6 +474,13 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
         summary.holdout = con.execute("SELECT COUNT(*) FROM photos WHERE split = 'holdout'").fetchone()[0]
         summary.labels = {k: label_counts[k] for k in names}
         summary.unlabelled = label_counts.get(None, 0)
+        sizes = con.execute("SELECT width, height FROM photos WHERE status = 'kept' AND width > 0 AND height > 0").fetchall()
+        if sizes:
+            w, h = (int(np.median([r[i] for r in sizes])) for i in (0, 1))
+            supported = supported_resolution(w, h)
+            summary.photo_size, summary.supported_res = f"{w}x{h}", supported.name if supported else None
+            with con:
+                _meta_set(con, "supported_res", summary.supported_res or "")
     finally:
         con.close()
     summary.unmatched_labels, summary.unlabelled_files = match.unmatched, match.unlabelled

@@ -14,6 +14,9 @@ A model module may define, beside `build`:
     TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
     build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
     TRANSITIONAL_CONDITIONING = True    G and D have a `cond_scale` attribute (0..1) weighting the city
+    INSTANCE_CONDITIONING = True        build takes instances=N, instance_dim=d; G holds the bank
+                                        (G.instances), G(z, labels, instances=rows), D(x, labels,
+                                        instances=features); instance_features(uint8 NCHW) -> N x F
     MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
                                         base sides 3..MAX_BASE_SIDE (None: no upper bound)
 """
@@ -88,6 +91,16 @@ def check_res(res, model_name: str | None = None) -> Resolution:
 def supports_cond_scale(model_name: str) -> bool:
     """Whether the model's G and D take a `cond_scale` (transitional conditioning)."""
     return bool(getattr(_module(model_name), "TRANSITIONAL_CONDITIONING", False))
+
+
+def supports_instances(model_name: str) -> bool:
+    """Whether the model takes instance conditioning (IC-GAN): see train/instances.py."""
+    return bool(getattr(_module(model_name), "INSTANCE_CONDITIONING", False))
+
+
+def instance_features(model_name: str, images):
+    """The model's instance features of uint8 N x 3 x H x W photos (torch tensor N x F)."""
+    return _module(model_name).instance_features(images)
 
 
 def cond_scale(start_kimg: float, full_kimg: float, images_seen: int) -> float:

@@ -16,6 +16,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
   224x224 the net was trained at); `feature_res` > 1 upsamples first, at that price.
 - Training adds a mode-seeking term to G's loss (MSGAN; train.py, TRAIN_DEFAULTS below):
   without it every seed of a city drew the same house (docs/model.md has the measurements).
+- Optional instance conditioning (IC-GAN; `--instance-k`, off by default: measured no gain at
+  CPU budgets, docs/model.md): G holds a bank of the training photos' features (InstanceBank)
+  and draws "a house like this one"; D's projection adds the instance feature's term.
 - Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
   octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
 
@@ -68,6 +71,7 @@ _TAP_CHANNELS = (24, 40, 112, 320)
 # Resolutions it builds: base x 2^k with k >= 2, any base of >= 3 px a side (3x4 at 4:3).
 MIN_LEVELS, MAX_BASE_SIDE = 2, None
 TRANSITIONAL_CONDITIONING = True   # G and D weight the city signal by their `cond_scale`
+INSTANCE_CONDITIONING = True       # G and D also take an instance feature (IC-GAN); see instance_features
 
 
 # --- generator ------------------------------------------------------------------------------
@@ -132,6 +136,29 @@ class UpBlock(nn.Module):
         return x
 
 
+class InstanceBank(nn.Module):
+    """The training photos' instance features, grouped by class, saved with G's weights.
+
+    Instance conditioning (IC-GAN, Casanova et al., NeurIPS 2021): G draws "a house like this
+    one of the city's photos", so variety comes from the city's own photos instead of having to
+    be discovered from noise. A sample picks its instance from its latent: u = Phi(z . v) is
+    uniform for z ~ N(0, I) and a fixed unit v, and row start[c] + floor(u * count[c]).
+    """
+
+    def __init__(self, num_classes: int, rows: int, dim: int, z_dim: int):
+        super().__init__()
+        self.register_buffer("features", torch.zeros(rows, dim))
+        self.register_buffer("start", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("count", torch.ones(num_classes, dtype=torch.long))
+        v = torch.randn(z_dim, generator=torch.Generator().manual_seed(1))
+        self.register_buffer("direction", v / v.norm())
+
+    def pick(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        u = torch.special.ndtr(z.float() @ self.direction)
+        count = self.count[labels]
+        return self.start[labels] + torch.minimum((u * count).long(), count - 1)
+
+
 class SkipLayerExcitation(nn.Module):
     """FastGAN's SLE: channel gates for a high-res map computed from a low-res one."""
 
@@ -149,10 +176,13 @@ class Generator(nn.Module):
     """(z, city) -> N x 3 x H x W image in [-1, 1]."""
 
     def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
-                 max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True):
+                 max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True,
+                 instances: int = 0, instance_dim: int = 64):
         super().__init__()
         self.z_dim = z_dim
         self.num_classes = num_classes
+        self.instances = InstanceBank(num_classes, instances, instance_dim, z_dim) if instances else None
+        self.instance_fc = nn.Linear(instance_dim, embed_dim) if instances else None
         self.res = tuple(res)
         levels, self.base = Resolution.parse(res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
         # Channels halve per octave from the output up: cheap high-res layers, wide low-res ones.
@@ -173,8 +203,14 @@ class Generator(nn.Module):
         # may fade it in from 0 (unconditional); a plain attribute the loop and loaders set, not a weight.
         self.cond_scale = 1.0
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        e = self.embed(labels) * self.cond_scale
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+        """`instances`: rows of the instance bank to condition on (training passes them); None
+        picks one of the city's own from z, so a sample still depends only on (z, city)."""
+        e = self.embed(labels)
+        if self.instances is not None:
+            rows = self.instances.pick(z, labels) if instances is None else instances
+            e = e + self.instance_fc(self.instances.features[rows])
+        e = e * self.cond_scale
         x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), -1, *self.base)
         x = F.glu(self.fc_norm(x, e), dim=1)
         feats = [x]
@@ -237,7 +273,7 @@ class ProjectionHead(nn.Module):
     class-projection term."""
 
     def __init__(self, c_in: int, spatial: tuple[int, int], num_classes: int, width: int = 128,
-                 cmap_dim: int = 64, batchnorm: bool = True):
+                 cmap_dim: int = 64, batchnorm: bool = True, instance_dim: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
         c, (h, w) = c_in, spatial
@@ -251,11 +287,16 @@ class ProjectionHead(nn.Module):
         self.out = spectral_norm(nn.Conv2d(width, 1, 1))
         self.cmap = spectral_norm(nn.Conv2d(width, cmap_dim, 1))
         self.embed = nn.Embedding(num_classes, cmap_dim)
+        self.instance = nn.Linear(instance_dim, cmap_dim) if instance_dim else None
         self.cmap_dim = cmap_dim
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, cond_scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, cond_scale: float = 1.0,
+                instances: torch.Tensor | None = None) -> torch.Tensor:
         h = self.body(x)
-        proj = (self.cmap(h) * self.embed(labels)[:, :, None, None]).sum(dim=1, keepdim=True)
+        c = self.embed(labels)
+        if self.instance is not None and instances is not None:
+            c = c + self.instance(instances)
+        proj = (self.cmap(h) * c[:, :, None, None]).sum(dim=1, keepdim=True)
         return (self.out(h) + cond_scale * proj / math.sqrt(self.cmap_dim)).flatten(1)
 
 
@@ -263,7 +304,7 @@ class ProjectedDiscriminator(nn.Module):
     """(images in [-1, 1], city) -> N x P patch logits from all four scales."""
 
     def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0,
-                 batchnorm: bool = True):
+                 batchnorm: bool = True, instance_dim: int = 0):
         super().__init__()
         self.res = tuple(res)
         self.feature_res = feature_res  # scale of the image fed to the feature net (1.0: native)
@@ -271,7 +312,8 @@ class ProjectedDiscriminator(nn.Module):
         with torch.no_grad():
             probe = self.feature_net(torch.zeros(1, 3, *self._feature_size()))
         self.heads = nn.ModuleList(
-            ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width, batchnorm=batchnorm)
+            ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width, batchnorm=batchnorm,
+                           instance_dim=instance_dim)
             for f in probe)
         self.cond_scale = 1.0   # weight of the class-projection term (transitional conditioning)
 
@@ -281,27 +323,50 @@ class ProjectedDiscriminator(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+        """`instances`: the instance features (N x instance_dim) the images are judged against."""
         if self.feature_res != 1.0:
             images = F.interpolate(images, size=self._feature_size(), mode="bilinear", align_corners=False)
         feats = self.feature_net(images)
-        return torch.cat([head(f, labels, self.cond_scale) for head, f in zip(self.heads, feats)], dim=1)
+        return torch.cat([head(f, labels, self.cond_scale, instances) for head, f in zip(self.heads, feats)], dim=1)
 
 
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
           g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
-          g_cond_bn: bool = True, d_batchnorm: bool = True) -> tuple[Generator, ProjectedDiscriminator]:
-    """The default model's (G, D) for `num_classes` cities at `res` = (H, W)."""
+          g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
+          instance_dim: int = 64) -> tuple[Generator, ProjectedDiscriminator]:
+    """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `instances` > 0:
+    instance-conditioned, with a bank of that many `instance_dim` features in G."""
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
-                        g_cond_bn=g_cond_bn)
+                        g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
-                               batchnorm=d_batchnorm)
+                               batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0)
     return G, D
 
 
 def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
                     g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
-                    g_cond_bn: bool = True, d_batchnorm: bool = True) -> Generator:
+                    g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
+                    instance_dim: int = 64) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
-                     cond_bn=g_cond_bn)
+                     cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim)
+
+
+@torch.no_grad()
+def instance_features(images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """N x 432 instance features of uint8 N x 3 x H x W photos: the frozen EfficientNet-Lite0's
+    last two taps (112 + 320 channels), average-pooled, at the training resolution (cheap: a
+    few seconds for thousands of 64 px photos). Each half unit-normalised, so both count."""
+    net = FrozenFeatures()
+    out = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].float().div(127.5).sub(1.0)
+        x = net.stem(x)
+        taps = []
+        for j, block in enumerate(net.blocks):
+            x = block(x)
+            if j in _TAPS[2:]:
+                taps.append(F.normalize(x.mean(dim=(2, 3)), dim=1))
+        out.append(torch.cat(taps, dim=1))
+    return torch.cat(out)

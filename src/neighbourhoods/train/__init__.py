@@ -24,14 +24,16 @@ each process trains on its shard of every batch and only rank 0 writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from neighbourhoods.core.locks import training_run
 from neighbourhoods.core.workspace import Workspace, open_workspace
-from neighbourhoods.train.config import TrainConfig, describe, resolve_config, resolve_run  # noqa: F401 (the API)
+from neighbourhoods.train.config import TrainConfig, describe, resolve_config, resolve_run, run_name  # noqa: F401 (the API)
 from neighbourhoods.train.distributed import init_distributed
 from neighbourhoods.train.loop import TrainResult, training_loop
 
@@ -49,7 +51,10 @@ def train_models(workspace: Workspace | str | os.PathLike, config: TrainConfig) 
         torch.set_num_threads(max(1, config.threads))
     dd = init_distributed(config.device)
     try:
-        return training_loop(ws, config, dd)
+        # rank 0 writes: it holds the workspace shared (no ingest meanwhile) and the run exclusively
+        locks = training_run(ws.root, ws.run_dir(run_name(config))) if dd.main else contextlib.nullcontext()
+        with locks:
+            return training_loop(ws, config, dd)
     finally:
         torch.set_num_threads(threads)
         if dd.owns_group:

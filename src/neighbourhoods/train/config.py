@@ -73,6 +73,10 @@ class TrainConfig:
     cond_full_kimg: float | None = option(None, "...then fade the city signal in, reaching full strength at this many "
                                           "thousand images; <= cond_start_kimg: no fade (default: the model's "
                                           "recipe, else 0)")
+    instance_k: int | None = option(None, "instance conditioning (IC-GAN): each real photo is shown with the feature "
+                                    "of one of its k nearest same-city photos, and G draws from that feature, so "
+                                    "samples vary as the city's photos do; 0 = off (default: the model's recipe, "
+                                    "else 0)")
     any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
                                       "every city's mix (default: the model's recipe, else 0)")
     model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
@@ -88,12 +92,14 @@ class TrainConfig:
     keep_checkpoints: int = option(3, "most recent checkpoints kept on disk")
     grid_rows: int = option(12, "cities in the sample grid (those with the most photos)")
     grid_seeds: int = option(8, "fixed seeds per city in the sample grid (columns)")
-    num_workers: int = option(1, "background threads reading batches from the memory-mapped arrays (0 = inline)",
-                              flag="--workers")
+    num_workers: int | None = option(None, "background threads reading batches from the memory-mapped arrays "
+                                     "(0 = inline; default: 1 on CUDA, 0 on a CPU, where a reader thread takes "
+                                     "time from torch's own threads: 56 vs 44 img/s on 2 cores)", flag="--workers")
     device: str = option("cpu", "cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
     threads: int | None = option(None, "CPU threads torch may use (default: one per core; 1 is faster on a busy machine)")
-    amp: str = option("bf16", "CUDA only: bf16, fp16 (with a GradScaler) or off; the CPU trains in fp32",
-                      choices=["bf16", "fp16", "off"])
+    amp: str = option("auto", "mixed precision: bf16, fp16 (CUDA only, with a GradScaler), off, or auto = bf16 on "
+                      "CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else off",
+                      choices=["auto", "bf16", "fp16", "off"])
     max_rollbacks: int = option(3, "non-finite losses tolerated (each rolls back to the last checkpoint) before giving up")
     progress: bool = option(True, "show a progress bar and messages", flag="--quiet",
                             flag_help="no progress bar or messages")
@@ -102,12 +108,13 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "cond_start_kimg",
-              "cond_full_kimg", "model_kwargs", "grid_rows", "grid_seeds")
+              "cond_full_kimg", "instance_k", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
-            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0}
+            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0,
+            "instance_k": 0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0}
+LEGACY = {"mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -125,7 +132,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   augment=values["augment"] or "", mirror=bool(values["mirror"]),
                   any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0),
                   cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
-                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0))
+                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0))
     cfg = TrainConfig(**values)
     if cfg.loss not in ("bce", "hinge"):
         raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
@@ -148,8 +155,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no transitional conditioning: "
                                   "leave --cond-start-kimg and --cond-full-kimg at 0")
-    if cfg.amp not in ("bf16", "fp16", "off"):
-        raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use bf16, fp16 or off")
+    if cfg.instance_k < 0:
+        raise NeighbourhoodsError(f"--instance-k must be >= 0 (got {cfg.instance_k})")
+    if cfg.instance_k and not models.supports_instances(cfg.model):
+        raise NeighbourhoodsError(f"model {cfg.model!r} has no instance conditioning: leave --instance-k at 0")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     return cfg
 
 

@@ -70,7 +70,7 @@ class BatchReader:
                     self._epochs.popitem(last=False)
             return self._epochs[epoch]
 
-    def _load(self, position: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, position: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(self.rows)
         pos = np.arange(position, position + batch)[self.rank::self.world]
         picks, flips, as_any = [], [], []
@@ -87,10 +87,11 @@ class BatchReader:
         if self.any_class >= 0:
             labels[np.array(as_any)] = self.any_class
         x, labels = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-        return (x.pin_memory(), labels.pin_memory()) if self.pin else (x, labels)
+        return ((x.pin_memory(), labels.pin_memory()) if self.pin else (x, labels)) + (torch.from_numpy(picks),)
 
-    def get(self, position: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the global batch starting at `position`; prefetches the next one."""
+    def get(self, position: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's share of the global batch starting at `position` as (uint8 images, classes,
+        training-photo indices); prefetches the next one."""
         key = (position, batch)
         future = self._pending.pop(key, None)
         out = future.result() if future is not None else self._load(position, batch)

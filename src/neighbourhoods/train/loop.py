@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from neighbourhoods.core.catalog import read_meta
 from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import Workspace, atomic_write_json
 from neighbourhoods.models import cond_scale
 from neighbourhoods.models.runs import (
@@ -39,8 +41,9 @@ from neighbourhoods.models.runs import (
 )
 from neighbourhoods.train.config import TrainConfig, describe, resolve_run, to_json
 from neighbourhoods.train.data import BatchReader, TrainingData, load_training_data
-from neighbourhoods.train.distributed import Dist, pick_device
+from neighbourhoods.train.distributed import Dist, autocast_dtype, pick_device
 from neighbourhoods.train.ema import ema_beta, standing_bn_stats, update_ema
+from neighbourhoods.train.instances import Instances, build_instances
 from neighbourhoods.train.logs import (
     Tick,
     deadline,
@@ -66,6 +69,8 @@ class Run:
     run_dir: Path
     data: TrainingData
     batch_local: int            # this process's share of each batch
+    model_kwargs: dict          # the builder's arguments: the run's model_kwargs, plus the instance bank's size
+    instances: Instances | None = None   # instance conditioning's bank and neighbour lists, if on
     writer: object = None       # TensorBoard SummaryWriter on rank 0, else None
 
 
@@ -89,11 +94,20 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
 
     # Load the data: the train split of the selected photos, memory-mapped.
     data = load_training_data(ws, cfg)
-    run = Run(cfg=cfg, dd=dd, device=device, run_dir=run_dir, data=data, batch_local=cfg.batch // dd.world)
+    run = Run(cfg=cfg, dd=dd, device=device, run_dir=run_dir, data=data, batch_local=cfg.batch // dd.world,
+              model_kwargs=dict(cfg.model_kwargs))
+    if cfg.instance_k:   # instance conditioning: the photos' features and neighbours (seconds at 64 px)
+        dim = int(cfg.model_kwargs.get("instance_dim", 64))
+        run.instances = build_instances(cfg.model, data.split.images, data.split.rows, data.classes,
+                                        len(data.class_names), cfg.instance_k, dim)
+        run.model_kwargs.update(instances=len(data.split), instance_dim=dim)
 
     # Construct networks and optimizers (identical init on every rank), then give each rank
     # its own noise and augmentation streams; rank 0 of a single process keeps `seed`.
-    nets = build_nets(cfg, len(data.class_names), device, dd)
+    nets = build_nets(cfg, len(data.class_names), device, dd, run.model_kwargs)
+    if run.instances is not None:
+        for G in (nets.G, nets.G_ema):
+            run.instances.load_into(G)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
@@ -104,6 +118,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     fresh = True
     if cfg.resume and (run_dir / "checkpoints" / "latest.json").exists():
         saved_names = read_model_args(read_config(run_dir), run_dir / "config.json")["class_names"]
+        saved_args = read_model_args(read_config(run_dir), run_dir / "config.json")["kwargs"]
+        if cfg.instance_k and saved_args.get("instances") != len(data.split):
+            raise NeighbourhoodsError(f"run {run_dir.name!r} is instance-conditioned on {saved_args.get('instances')} "
+                                      f"training photos and the workspace has {len(data.split)} now: start a new run")
         if saved_names != data.class_names:
             raise NeighbourhoodsError(f"the workspace's training classes changed since run {run_dir.name!r} started "
                                       f"({len(saved_names or [])} then, {len(data.class_names)} now): start a new run")
@@ -121,12 +139,13 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     # checkpoint, so there is always a good checkpoint to resume or roll back to.
     if dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", run_config(cfg, nets, data))
+        atomic_write_json(run_dir / "config.json", run_config(run, nets))
         trim_metrics(run_dir / "metrics.jsonl", state.images_seen)
         run.writer = open_tensorboard(run_dir, state.images_seen)
     dd.barrier()
     say(cfg, dd.main, describe(cfg, run_dir))
     if fresh:
+        warn_if_below_photos(ws, cfg, dd)
         say(cfg, dd.main, f"training {cfg.model} at {cfg.res.name} on {len(data.split):,} photos, "
                           f"{len(data.class_names)} classes"
                           + (f" ({ANY_CITY}: {len(data.merged)} cities with < {cfg.min_city_photos} photos)"
@@ -134,27 +153,36 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         save_snapshot(run, nets, state)
         save_progress_grid(run, nets, state)
 
+    workers = cfg.num_workers if cfg.num_workers is not None else int(device.type == "cuda")
     reader = BatchReader(data.split.images, data.split.rows, data.classes, cfg.seed, cfg.mirror, dd.rank, dd.world,
-                         cfg.num_workers, any_class=data.class_names.index(ANY_CITY) if cfg.any_city_p > 0 else -1,
+                         workers, any_class=data.class_names.index(ANY_CITY) if cfg.any_city_p > 0 else -1,
                          any_p=cfg.any_city_p, pin=device.type == "cuda")
     limit = math.inf if cfg.kimg is None else cfg.kimg * 1000
     stop_at = deadline(cfg)
     bar, by_time = progress_bar(cfg, dd.main, run_dir.name, state.images_seen, limit)
     started = time.monotonic()
     tick = Tick(images=state.images_seen)
-    use_amp = device.type == "cuda" and cfg.amp != "off"
-    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if use_amp else contextlib.nullcontext
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     ctrl_c = FirstCtrlC()
 
     try:
         while state.images_seen < limit:
             # Fetch this rank's share of the next batch of real photos, and noise.
             step_start = time.monotonic()
-            uint8_real, labels = reader.get(state.images_seen, cfg.batch)
+            uint8_real, labels, photos = reader.get(state.images_seen, cfg.batch)
             real = uint8_real.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
             labels = labels.to(device, non_blocking=True)
             z = torch.randn(run.batch_local, nets.G.z_dim, device=device)
+            # Instance conditioning: each real photo is judged beside a neighbour's feature, and
+            # its fake is drawn from that neighbour (rows of G's bank; fakes paired like cities).
+            real_cond = fake_cond = g_cond = {}
+            if run.instances is not None:
+                rows = run.instances.conditioning_rows(photos, cfg.seed, state.images_seen + dd.rank).to(device)
+                fake_rows = loss.fake_labels(rows)
+                bank = nets.G.instances.features
+                real_cond, fake_cond = {"instances": bank[rows]}, {"instances": bank[fake_rows]}
+                g_cond = {"instances": fake_rows}
 
             # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in).
             set_cond_scale(nets, cfg, state.images_seen)
@@ -163,11 +191,11 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             # one G forward serves both updates, as in the reference DCGAN loop.
             fake_labels = loss.fake_labels(labels)
             with autocast():
-                fake = nets.G_train(z, fake_labels)
+                fake = nets.G_train(z, fake_labels, **g_cond)
 
             # Update D.
             with autocast():
-                loss_d = loss.discriminator(nets.D_train, real, labels, fake.detach(), fake_labels)
+                loss_d = loss.discriminator(nets.D_train, real, labels, fake.detach(), fake_labels, real_cond, fake_cond)
             nets.opt_d.zero_grad(set_to_none=True)
             nets.scaler_d.scale(loss_d).backward()
             nets.scaler_d.step(nets.opt_d)
@@ -178,7 +206,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 p.requires_grad_(False)
             try:
                 with autocast():
-                    loss_g = loss.generator(nets.D, fake, fake_labels, z)
+                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond)
                 nets.opt_g.zero_grad(set_to_none=True)
                 nets.scaler_g.scale(loss_g).backward()
                 nets.scaler_g.step(nets.opt_g)
@@ -271,8 +299,9 @@ def crossed(every: int, before: int, after: int, done: bool) -> bool:
     return every > 0 and (after // every > before // every or done)
 
 
-def run_config(cfg: TrainConfig, nets: Nets, data: TrainingData) -> dict:
+def run_config(run: Run, nets: Nets) -> dict:
     """config.json: the resolved options, the model_args loaders rebuild G from, and the data."""
+    cfg, data = run.cfg, run.data
     return {**to_json(cfg), "model": cfg.model, "res": list(cfg.res), "z_dim": int(nets.G.z_dim),
             "class_names": data.class_names,
             "class_counts": np.bincount(data.classes, minlength=len(data.class_names)).tolist(),
@@ -280,7 +309,20 @@ def run_config(cfg: TrainConfig, nets: Nets, data: TrainingData) -> dict:
             # every city of the data -> the class it is drawn from, so pooled cities serve by name
             "city_map": CityMap.build(data.class_names, data.split.label_names).to_json(),
             "grid": {"classes": data.grid_classes, "seeds": data.grid_seeds},
-            "model_args": model_args(cfg.model, cfg.res, nets.G.z_dim, data.class_names, cfg.model_kwargs)}
+            "model_args": model_args(cfg.model, cfg.res, nets.G.z_dim, data.class_names, run.model_kwargs)}
+
+
+def warn_if_below_photos(ws: Workspace, cfg: TrainConfig, dd: Dist) -> None:
+    """Say so when the photos support an octave or more above the run's resolution: its
+    thumbnails will be enlarged, and blur is what a visitor sees first."""
+    supported = read_meta(ws.catalog_path, "supported_res")
+    if not supported:
+        return
+    best = Resolution.parse(supported)
+    if best.h * best.w >= 4 * cfg.res.h * cfg.res.w:
+        say(cfg, dd.main, f"note: training at {cfg.res.name}, but the photos support {best.name} (ingest's photo "
+                          f"size): for the website, ingest and train at --res {best.name}, or thumbnails are "
+                          "this run's samples enlarged")
 
 
 def set_cond_scale(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:

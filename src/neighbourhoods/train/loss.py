@@ -78,12 +78,16 @@ class GANLoss:
         return pair_labels(labels) if self.mode_seeking else labels
 
     def discriminator(self, D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
-                      fake: torch.Tensor, fake_labels: torch.Tensor) -> torch.Tensor:
-        """D's loss; `fake` should be detached from G."""
-        return d_loss(self.kind, D(self.aug(real), labels), D(self.aug(fake), fake_labels))
+                      fake: torch.Tensor, fake_labels: torch.Tensor,
+                      real_cond: dict | None = None, fake_cond: dict | None = None) -> torch.Tensor:
+        """D's loss; `fake` should be detached from G. `*_cond`: D's further conditioning
+        keyword arguments (instance features) for the real and the fake images."""
+        return d_loss(self.kind, D(self.aug(real), labels, **(real_cond or {})),
+                      D(self.aug(fake), fake_labels, **(fake_cond or {})))
 
-    def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        loss = g_loss(self.kind, D(self.aug(fake), fake_labels))
+    def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor,
+                  fake_cond: dict | None = None) -> torch.Tensor:
+        loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})))
         if self.mode_seeking:
             loss = loss + self.mode_seeking * mode_seeking_loss(fake, z)
         return loss

@@ -48,10 +48,11 @@ class Nets:
         return {"G": self.G, "G_ema": self.G_ema, "D": self.D}
 
 
-def build_nets(cfg, num_classes: int, device: torch.device, dd: Dist) -> Nets:
-    """The model's G and D (identical init on every rank), G_ema, and their optimizers."""
+def build_nets(cfg, num_classes: int, device: torch.device, dd: Dist, model_kwargs: dict | None = None) -> Nets:
+    """The model's G and D (identical init on every rank), G_ema, and their optimizers;
+    `model_kwargs` (default: the run's) are the builder's arguments."""
     seed_everything(cfg.seed)
-    G, D = models.build(cfg.model, num_classes, tuple(cfg.res), **cfg.model_kwargs)
+    G, D = models.build(cfg.model, num_classes, tuple(cfg.res), **(cfg.model_kwargs if model_kwargs is None else model_kwargs))
     G_ema = copy.deepcopy(G)
     G.to(device).train()
     D.to(device).train()
