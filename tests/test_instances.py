@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import one_thread  # noqa: F401 (autouse: tiny nets run on one thread)
 from toy_run import make_toy_workspace
 
 from neighbourhoods.core.errors import NeighbourhoodsError
@@ -19,14 +20,6 @@ from neighbourhoods.train import TrainConfig, train
 from neighbourhoods.train.instances import build_instances
 
 TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "instance_dim": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -416,9 +416,7 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
 def _ingest_locked(photos, workspace, labels, file_column, label_column, res, fit, min_side, max_pixels,
                    holdout, holdout_min, near_duplicate_distance, workers, progress) -> IngestSummary:
     started = time.monotonic()
-    root = Path(photos).expanduser().resolve()
-    if not root.is_dir():
-        raise NeighbourhoodsError(f"photos folder {root} not found")
+    root = Path(photos).expanduser().resolve()   # a folder: ingest() checked before taking the lock
     if fit not in ("crop", "pad"):
         raise NeighbourhoodsError(f"fit must be 'crop' or 'pad', not {fit!r}")
     if not 0.0 <= holdout < 1.0:

@@ -117,10 +117,11 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     # Resume from the latest checkpoint, if asked and there is one.
     fresh = True
     if cfg.resume and (run_dir / "checkpoints" / "latest.json").exists():
-        saved_names = read_model_args(read_config(run_dir), run_dir / "config.json")["class_names"]
-        saved_args = read_model_args(read_config(run_dir), run_dir / "config.json")["kwargs"]
-        if cfg.instance_k and saved_args.get("instances") != len(data.split):
-            raise NeighbourhoodsError(f"run {run_dir.name!r} is instance-conditioned on {saved_args.get('instances')} "
+        saved_args = read_model_args(read_config(run_dir), run_dir / "config.json")
+        saved_names = saved_args["class_names"]
+        if cfg.instance_k and saved_args["kwargs"].get("instances") != len(data.split):
+            banked = saved_args["kwargs"].get("instances")
+            raise NeighbourhoodsError(f"run {run_dir.name!r} is instance-conditioned on {banked} "
                                       f"training photos and the workspace has {len(data.split)} now: start a new run")
         if saved_names != data.class_names:
             raise NeighbourhoodsError(f"the workspace's training classes changed since run {run_dir.name!r} started "
