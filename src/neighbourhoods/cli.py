@@ -39,7 +39,13 @@ def _add_ingest(sub) -> None:
     p.add_argument("--labels", help="labels: a CSV table or a StyleGAN-style dataset.json; "
                    "without it, the first sub-folder under PHOTOS names each photo's label")
     p.add_argument("--file-column", default="file", help="CSV column with the photo's file name/relative path")
-    p.add_argument("--label-column", default="city", help="CSV column with the label")
+    p.add_argument("--label-column", action="append", metavar="COLUMN",
+                   help="CSV column with the label (default city); repeat to join columns: "
+                   "--label-column city --label-column state -> 'Scottsdale, AZ'")
+    p.add_argument("--key-column", metavar="COLUMN", help="the table has one row per listing, keyed by this column "
+                   "(e.g. house_id); photos are named by the key, see --key-pattern")
+    p.add_argument("--key-pattern", metavar="PATTERN", help="how a photo's file name gives its listing key: a glob "
+                   "with {key} (default '{key}_*', e.g. '{key}_*.jpg') or a regular expression with one group")
     p.add_argument("--res", action="append", type=_arg(parse_res), metavar="HxW",
                    help="prepared resolution, repeatable (default 64x64); 4:3 e.g. 96x128")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="centre-crop or pad to the target aspect")
@@ -57,7 +63,8 @@ def _run_ingest(args) -> None:
     from neighbourhoods.ingest import ingest
 
     summary = ingest(args.photos, args.workspace, labels=args.labels, file_column=args.file_column,
-                     label_column=args.label_column, res=args.res or [(64, 64)], fit=args.fit,
+                     label_column=args.label_column or "city", key_column=args.key_column,
+                     key_pattern=args.key_pattern, res=args.res or [(64, 64)], fit=args.fit,
                      min_side=args.min_side, max_pixels=args.max_pixels, holdout=args.holdout,
                      holdout_min=args.holdout_min, near_duplicate_distance=args.near_duplicate_distance,
                      workers=args.workers, progress=not args.json)

@@ -76,6 +76,9 @@ class IngestSummary:
     unlabelled_files: list[str] = field(default_factory=list)   # photos no entry names (all files)
     ambiguous_labels: list[str] = field(default_factory=list)
     malformed_label_rows: list[str] = field(default_factory=list)
+    no_key_files: list[str] = field(default_factory=list)       # listings table: photos whose name gives no key
+    label_key: str | None = None      # listings table: its key column (entries are listings, not files)
+    key_pattern: str | None = None
     unreadable_paths: list[str] = field(default_factory=list)   # folders we may not list, dangling links
     prepared: list[str] = field(default_factory=list)           # resolutions written, 'HxW'
     photo_size: str | None = None     # median kept photo, 'WxH' (as image tools write it)
@@ -90,7 +93,8 @@ class IngestSummary:
                 "decoded": self.decoded, "label_source": self.label_source,
                 "unmatched_labels": len(self.unmatched_labels), "unlabelled_files": len(self.unlabelled_files),
                 "ambiguous_labels": len(self.ambiguous_labels),
-                "malformed_label_rows": len(self.malformed_label_rows),
+                "malformed_label_rows": len(self.malformed_label_rows), "no_key_files": len(self.no_key_files),
+                "label_key": self.label_key, "key_pattern": self.key_pattern,
                 "unreadable_paths": len(self.unreadable_paths),
                 "prepared": self.prepared, "photo_size": self.photo_size, "supported_res": self.supported_res,
                 "workspace": self.workspace, "seconds": round(self.seconds, 2)}
@@ -109,13 +113,20 @@ class IngestSummary:
                  f"  rejected    {rejected}" + (": " + ", ".join(f"{r} {n}" for r, n in sorted(self.rejected.items()))
                                                 if rejected else "")]
         top = sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0]))
-        lines.append(f"  labels      {len(self.labels)} from {self.label_source}"
+        source = self.label_source + (f" keyed by {self.label_key}" if self.label_key else "")
+        lines.append(f"  labels      {len(self.labels)} from {source}"
                      + (": " + ", ".join(f"{k} {v}" for k, v in top[:8]) + (", ..." if len(top) > 8 else "") if top else ""))
         if self.unlabelled:
             lines.append(f"  unlabelled  {self.unlabelled} kept photos have no label")
         if self.unlabelled_files and self.label_source != "folders":
             lines.append(f"  no label entry for {len(self.unlabelled_files)} files: {examples(self.unlabelled_files)}")
-        if self.unmatched_labels:
+        if self.no_key_files:
+            lines.append(f"  {len(self.no_key_files)} file names give no {self.label_key} by --key-pattern "
+                         f"{self.key_pattern!r}: {examples(self.no_key_files)}")
+        if self.unmatched_labels and self.label_key:
+            lines.append(f"  {len(self.unmatched_labels)} listings have no photo ({self.label_key} "
+                         f"{examples(self.unmatched_labels)})")
+        elif self.unmatched_labels:
             lines.append(f"  {len(self.unmatched_labels)} label entries name no photo: {examples(self.unmatched_labels)}")
         if self.ambiguous_labels:
             lines.append(f"  {len(self.ambiguous_labels)} photos match several label entries (left unlabelled): "
@@ -395,7 +406,8 @@ def _write_prepared(con: sqlite3.Connection, ws, settings: DecodeSettings, progr
     return written
 
 
-def ingest(photos, workspace, labels=None, file_column: str = "file", label_column: str = "city",
+def ingest(photos, workspace, labels=None, file_column: str = "file", label_column: str | list[str] = "city",
+           key_column: str | None = None, key_pattern: str | None = None,
            res=((64, 64),), fit: str = "crop", min_side: int = 32, max_pixels: int = 100_000_000,
            holdout: float = 0.10, holdout_min: int = 20, near_duplicate_distance: int = 4,
            workers: int | None = None, progress: bool = True) -> IngestSummary:
@@ -404,16 +416,21 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
     Safe to re-run and to kill: only new or changed files are decoded again, and the result is
     the same as one uninterrupted run. Holds the workspace lock (core/locks.py): a second
     ingest, or one while a run trains, is refused. Returns the summary (`.to_json()`, `.describe()`).
+
+    Labels (labels.py): `labels` a CSV with `file_column` and `label_column` (several columns are
+    joined: ["city", "state"] -> "Scottsdale, AZ"), or a listings table with `key_column` and
+    photos named by that key (`key_pattern`, default '{key}_*'), or a dataset.json; None: folders.
     """
     if not Path(photos).expanduser().is_dir():
         raise NeighbourhoodsError(f"photos folder {Path(photos).expanduser().resolve()} not found")
+    table = read_labels(labels, file_column, label_column, key_column, key_pattern)   # bad labels: before any write
     ws = open_workspace(workspace, create=True)
     with writing_workspace(ws.root, "ingest"):
-        return _ingest_locked(photos, workspace, labels, file_column, label_column, res, fit, min_side, max_pixels,
+        return _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
                               holdout, holdout_min, near_duplicate_distance, workers, progress)
 
 
-def _ingest_locked(photos, workspace, labels, file_column, label_column, res, fit, min_side, max_pixels,
+def _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
                    holdout, holdout_min, near_duplicate_distance, workers, progress) -> IngestSummary:
     started = time.monotonic()
     root = Path(photos).expanduser().resolve()   # a folder: ingest() checked before taking the lock
@@ -429,7 +446,6 @@ def _ingest_locked(photos, workspace, labels, file_column, label_column, res, fi
     settings = DecodeSettings(res=res_list, fit=fit, min_side=min_side, max_pixels=max_pixels)
     workers = workers or os.cpu_count() or 1
 
-    table = read_labels(labels, file_column, label_column)
     ws = open_workspace(workspace, create=True)
     skip = {Path(labels).expanduser().resolve()} if labels else set()
     skip |= {ws.catalog_path, Path(str(ws.catalog_path) + "-wal"), Path(str(ws.catalog_path) + "-shm")}
@@ -483,6 +499,9 @@ def _ingest_locked(photos, workspace, labels, file_column, label_column, res, fi
         con.close()
     summary.unmatched_labels, summary.unlabelled_files = match.unmatched, match.unlabelled
     summary.ambiguous_labels, summary.malformed_label_rows = match.ambiguous, match.malformed
+    summary.no_key_files = match.no_key
+    if table is not None:
+        summary.label_key, summary.key_pattern = table.key_column, table.key_pattern
     summary.unreadable_paths = sorted(unreadable)
     summary.seconds = time.monotonic() - started
     return summary
