@@ -260,3 +260,52 @@ def test_houses_get_exactly_one_selected_photo_each(shared_data, tmp_path):
     exactly_one = sum(1 for n in per_house.values() if n == 1)
     assert len(per_house) == HOUSES_SUBSET
     assert exactly_one >= 0.97 * HOUSES_SUBSET, collections.Counter(per_house.values())
+
+
+# --- several processes (torchrun) ------------------------------------------------------------
+def _shard_worker(rank: int, ws: str, port: int, out: str) -> None:
+    import os
+
+    # what torchrun sets for each process
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    summary = cluster(ws, ClusterConfig(k=4, res=RES, batch_size=4), progress=False)
+    Path(out, f"rank{rank}.txt").write_text("none" if summary is None else str(summary.embed.embedded))
+
+
+def test_two_processes_embed_disjoint_shares_and_give_the_single_process_result(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _, _, ws = _toy_workspace(tmp_path)
+    alone = tmp_path / "alone"
+    shutil.copytree(ws, alone)
+    single = cluster(alone, ClusterConfig(k=4, res=RES, batch_size=4), progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shard_worker, args=(str(ws), port, str(tmp_path)), nprocs=2, join=True)
+
+    assert (tmp_path / "rank1.txt").read_text() == "none"            # rank 0 alone clusters and reports
+    shares = {}                                                       # chunk -> the photo ids in it
+    for path in sorted(embeddings_dir(open_workspace(ws), "efficientnet_lite0", RES).glob("chunk-*.npz")):
+        with np.load(path) as z:
+            shares[path.name] = set(z["ids"].tolist())
+    assert len(shares) >= 2 and not set.intersection(*shares.values())   # disjoint: nothing embedded twice
+    ids, sharded = load_embeddings(open_workspace(ws), "efficientnet_lite0", RES)
+    ids1, one = load_embeddings(open_workspace(alone), "efficientnet_lite0", RES)
+    assert np.array_equal(ids, ids1) and len(ids) == single.photos == 30
+    cos = (sharded.astype(np.float32) * one.astype(np.float32)).sum(1) / (
+        np.linalg.norm(sharded.astype(np.float32), axis=1) * np.linalg.norm(one.astype(np.float32), axis=1))
+    assert cos.min() > 0.995                                          # batch makeup moves bf16 rounding only
+    assert [tuple(r) for r in _catalog(ws, "id, cluster")] == [tuple(r) for r in _catalog(alone, "id, cluster")]
+    assert (tmp_path / "rank0.txt").read_text() == "15"               # rank 0 embedded its half
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where there is no GPU")
+def test_cluster_on_a_missing_gpu_is_one_line(clustered, capsys):
+    ws, _, _ = clustered
+    assert main(["cluster", "-w", str(ws), "--res", str(RES), "--device", "cuda"]) == 2
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err

@@ -85,6 +85,10 @@ def _add_cluster(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--batch-size", type=int, default=64, help="photos per embedding batch")
     p.add_argument("--workers", type=int, default=0, help="JPEG-decoding processes beside the main one (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; under torchrun each process embeds its "
+                   "share of the photos on cuda:LOCAL_RANK (or the CPU) and rank 0 clusters")
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 arithmetic where native (auto: CUDA, or a CPU with AMX/AVX512-BF16), or fp32 (off)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_cluster)
 
@@ -93,8 +97,10 @@ def _run_cluster(args) -> None:
     from neighbourhoods.cluster import ClusterConfig, cluster
 
     config = ClusterConfig(k=args.k, res=args.res, extractor=args.extractor, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers)
+                           batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp)
     summary = cluster(args.workspace, config, progress=not args.json)
+    if summary is None:
+        return   # a torchrun process other than rank 0: its share is stored, rank 0 reports
     if args.json:
         _print_json(summary.to_json())
     else:
@@ -176,6 +182,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--format", default="jpg", help="jpg, png or webp")
     p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
     p.add_argument("--no-novelty-guard", action="store_true", help="keep samples even if they nearly copy a training photo")
+    p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
+                   "its first call indexes every training photo, hours on a CPU at 100k+ photos")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=_run_generate)
@@ -186,7 +194,8 @@ def _run_generate(args) -> None:
 
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
-                         all_cities=args.all_cities, every_city=args.every_city, fallback=args.fallback)
+                         all_cities=args.all_cities, every_city=args.every_city, fallback=args.fallback,
+                         guard_device=args.guard_device)
     manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
     if args.json:
         _print_json(manifest)
@@ -203,6 +212,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
     p.add_argument("--no-novelty-guard", action="store_true", help="serve samples even if they nearly copy a training photo")
+    p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
+                   "its first call indexes every training photo, hours on a CPU at 100k+ photos")
     p.add_argument("--max-batch", type=int, default=32, help="most samples per generator call")
     p.add_argument("--max-wait-ms", type=float, default=4.0, help="how long a request waits to be batched")
     p.add_argument("--cache-mb", type=float, default=256.0, help="LRU cache of rendered thumbnails, MiB")
@@ -217,7 +228,7 @@ def _run_serve(args) -> None:
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
                       torch_threads=args.threads, max_side=args.max_side)
     serve(args.workspace, args.run, host=args.host, port=args.port, config=cfg, upscale=args.upscale,
-          novelty=not args.no_novelty_guard)
+          novelty=not args.no_novelty_guard, guard_device=args.guard_device)
 
 
 # --- export ---------------------------------------------------------------------------------

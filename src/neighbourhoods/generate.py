@@ -46,6 +46,7 @@ class GenerateConfig:
     fmt: str = "jpg"                 # jpg | png | webp
     upscale: str | None = None       # upscaler name (None: the measured best, see docs/serve.md)
     novelty: bool = True             # drop and replace near-copies of training photos
+    guard_device: str = "cpu"        # where the guard's network runs (its first call indexes every photo)
     batch_size: int = 64             # samples per novelty-guard pass (the generator samples one at a time)
     cities: list[str] = field(default_factory=list)   # empty with all_cities=False is an error
     all_cities: bool = False         # one folder per conditioning class
@@ -61,7 +62,7 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     check_seed(config.seed + config.n - 1)
     fmt = parse_format(config.fmt)
     source = load_source(workspace, run)
-    guard = load_guard(workspace, source) if config.novelty else None
+    guard = load_guard(workspace, source, device=config.guard_device) if config.novelty else None
     upscaler = get_upscaler(config.upscale, workspace=workspace, res=source.res)
     if config.every_city:
         matches = [source.resolve(c) for c in source.city_map.cities]

@@ -411,13 +411,13 @@ init();
 
 
 def build(workspace, run: str, config: ServeConfig | None = None, upscale: str | None = None,
-          novelty: bool = True) -> Thumbnails:
+          novelty: bool = True, guard_device: str = "cpu") -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
     config = config or ServeConfig()
     import torch
     torch.set_num_threads(max(1, config.torch_threads))
     source = load_source(workspace, run)
-    guard = load_guard(workspace, source) if novelty else None
+    guard = load_guard(workspace, source, device=guard_device) if novelty else None
     upscaler = get_upscaler(upscale, workspace=workspace, res=source.res)
     return Thumbnails(source, upscaler, guard, config)
 
@@ -429,11 +429,11 @@ def serve_command(workspace, run: str) -> str:
 
 
 def serve(workspace, run: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          upscale: str | None = None, novelty: bool = True, log_level: str = "info") -> None:
+          upscale: str | None = None, novelty: bool = True, log_level: str = "info", guard_device: str = "cpu") -> None:
     """Run the HTTP server until interrupted."""
     import uvicorn
 
-    thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty)
+    thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty, guard_device=guard_device)
     app = create_app(thumbs)
     guard = thumbs.guard.label if thumbs.guard is not None else "novelty guard off"
     print(f"serving {len(thumbs.source.class_names)} cities from {thumbs.source.label} "

@@ -17,6 +17,7 @@ with `auto="exteriors"`.
 
 from __future__ import annotations
 
+import contextlib
 import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from neighbourhoods.core import catalog
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.locks import writing_workspace
 from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, atomic_write_text, open_workspace
+from neighbourhoods.nets.devices import Dist, init_distributed, pick_device
 from neighbourhoods.nets.efficientnet import IMAGENET_GROUPS
 from neighbourhoods.nets.imagenet_classes import IMAGENET_CLASSES
 
@@ -47,6 +49,8 @@ class ClusterConfig:
     seed: int = 0                           # k-means seed: same photos and seed, same clusters
     batch_size: int = 64                    # photos per embedding batch
     workers: int = 0                        # decoding processes beside the main one
+    device: str = "cpu"                     # cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)
+    amp: str = "auto"                       # bf16 where native (CUDA, AMX CPUs), "bf16" or "off" (fp32)
     sheet_nearest: int = 16                 # contact sheet: photos nearest the cluster centre
     sheet_random: int = 16                  # contact sheet: random sample of the rest
     sheet_columns: int = 8                  # contact sheet: thumbnails per row
@@ -130,6 +134,7 @@ def suggest(scores: dict[str, float]) -> str:
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length, so k-means groups by direction (cosine similarity), which is
     what pretrained embeddings encode; their length mostly tracks contrast and texture."""
+    vectors = np.asarray(vectors, dtype=np.float32)   # the store's float16 would overflow the squares
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
@@ -227,16 +232,31 @@ def _write_page(ws: Workspace, summary: ClusterSummary) -> Path:
 
 
 def cluster(workspace, config: ClusterConfig | None = None, progress: bool = True,
-            on_chunk=None) -> ClusterSummary:
-    """Embed new kept photos, cluster all of them, write the catalog's `cluster` column and the sheets."""
-    with writing_workspace(open_workspace(workspace).root, "cluster"):
-        return _cluster_locked(workspace, config, progress, on_chunk)
+            on_chunk=None) -> ClusterSummary | None:
+    """Embed new kept photos, cluster all of them, write the catalog's `cluster` column and the sheets.
 
-
-def _cluster_locked(workspace, config: ClusterConfig | None = None, progress: bool = True,
-            on_chunk=None) -> ClusterSummary:
-    """cluster() under the workspace lock."""
+    Under torchrun (WORLD_SIZE > 1) every process embeds its share (embed.py) and rank 0, which
+    holds the workspace lock for all of them, clusters and writes; the others return None.
+    """
     config = config or ClusterConfig()
+    ws = open_workspace(workspace)
+    dd = init_distributed(config.device, timeout_s=7 * 24 * 3600)   # shards may take hours
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if dd.main:
+                try:
+                    stack.enter_context(writing_workspace(ws.root, "cluster"))
+                except NeighbourhoodsError as e:
+                    error = str(e)
+            dd.share_error(error)
+            return _cluster_locked(workspace, config, progress, on_chunk, dd)
+    finally:
+        dd.close()
+
+
+def _cluster_locked(workspace, config: ClusterConfig, progress: bool, on_chunk, dd: Dist) -> ClusterSummary | None:
+    """cluster() under the workspace lock."""
     ws = open_workspace(workspace)
     check_res(config.res)
     if config.k < 2:
@@ -245,9 +265,12 @@ def _cluster_locked(workspace, config: ClusterConfig | None = None, progress: bo
     if len(paths) < config.k:
         raise NeighbourhoodsError(f"{len(paths)} kept photos cannot make {config.k} clusters; "
                                   "ingest more photos or lower -k")
-    extractor = get_extractor(config.extractor)
+    extractor = get_extractor(config.extractor, device=pick_device(config.device, dd), amp=config.amp)
     embed_summary = embed_photos(ws, extractor, res=config.res, batch_size=config.batch_size,
-                                 workers=config.workers, progress=progress, on_chunk=on_chunk)
+                                 workers=config.workers, progress=progress and dd.main, on_chunk=on_chunk, dd=dd)
+    dd.barrier()   # every share is stored
+    if not dd.main:
+        return None
     ids, vectors = load_embeddings(ws, extractor.name, config.res)
     unit = l2_normalise(vectors)
     labels, centres, inertia = kmeans(unit, config.k, config.seed)

@@ -41,10 +41,15 @@ def normalise(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
-def nearest(train_unit: np.ndarray, query: np.ndarray, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each query row: (highest cosine similarity to a train row, that train row's index)."""
+def nearest(train_unit: np.ndarray, query: np.ndarray, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row: (highest cosine similarity to a train row, that train row's index).
+
+    Queries go `batch` at a time; by default as many as keep the similarity block near 64 MB,
+    so 217k training photos cost no more memory than 2k (1024 queries would be 0.9 GB there).
+    """
     if len(train_unit) == 0:
         raise NeighbourhoodsError("no training photos to compare with")
+    batch = batch or max(1, min(1024, (64 << 20) // (4 * len(train_unit))))
     query = normalise(query)
     sims = np.empty(len(query), dtype=np.float32)
     index = np.empty(len(query), dtype=np.int64)

@@ -48,15 +48,16 @@ class Guard:
     label: str = ""
 
 
-def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool = True) -> Guard:
+def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool = True,
+               device: str = "cpu") -> Guard:
     """The novelty guard of metrics.novelty for this workspace (training photos at the generator's res).
 
     The first call embeds every training and held-out photo (a progress bar; cached in
-    WS/embeddings), later ones read the cache.
+    WS/embeddings), later ones read the cache; `device` (cpu, cuda) runs that network.
     """
     ws = open_workspace(workspace)
     try:
-        index = novelty.load_index(ws, source.res, progress=progress)
+        index = novelty.load_index(ws, source.res, progress=progress, device=device)
     except NeighbourhoodsError as e:
         raise NeighbourhoodsError(f"novelty guard: {e} (or turn the guard off with --no-novelty-guard)") from None
     return Guard(similarity=index.max_similarity, threshold=float(index.threshold),

@@ -88,7 +88,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     run_dir, cfg, notes = resolve_run(ws, config)
     for note in notes:
         say(cfg, dd.main, note)
-    device = pick_device(cfg, dd)
+    device = pick_device(cfg.device, dd)
     if cfg.batch % dd.world:
         raise NeighbourhoodsError(f"--batch {cfg.batch} does not split evenly over {dd.world} processes")
 
