@@ -1,15 +1,21 @@
-"""Load test of `neighbourhoods serve` on loopback: requests/s, p50/p99 latency and errors.
+"""Load test of `neighbourhoods serve` on loopback: requests/s, p50/p99 latency, errors, RSS.
 
     python3 bench/serve.py --workspace WS --run RUN [--duration 60] [--clients 32]
+    python3 bench/serve.py --run site.onnx      # an ONNX replica (no workspace)
     python3 bench/serve.py            # no run given: trains a tiny toy-town dcgan in a temp folder first
 
-Starts the server in a subprocess (as a user would), waits for /healthz, then runs two phases
-with `--clients` concurrent keep-alive clients (httpx.AsyncClient), each for `--duration` s:
+Starts the server in a subprocess (as a user would), times it to its first /healthz answer,
+then runs two phases with `--clients` concurrent keep-alive connections, each for `--duration`
+s, from a real HTTP load generator: `wrk` (Debian's; --client wrk, the default where it is
+installed) in its own process, so the measurement does not cost the server's interpreter;
+`--client python` uses httpx in this process instead (which measures itself as much as the
+server: its p99 is mostly its own event loop).
   cached    requests cycle through `--distinct` URLs rendered once beforehand (what a CDN's
             origin sees for popular listings); target: zero errors, p99 < 250 ms
   uncached  every request a new seed: generator + novelty guard + upscale + encode each time
 Bounded: fixed duration, fixed client count, and the server's own queue bound (503s count as
-errors). Writes bench/results/serve.json.
+errors; so do redirects: every URL is canonical). The server's peak RSS (VmHWM) and its CPU
+per request are recorded. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import asyncio
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,13 +57,18 @@ def _cpu_seconds(pid: int) -> float | None:
 
 
 def _measured(server, coro) -> dict:
+    return _measured_sync(server, lambda: asyncio.run(coro))
+
+
+def _measured_sync(server, phase) -> dict:
     """Run one load phase; add the server's CPU time per request and the machine's load average."""
+    load = os.getloadavg()[0]
     cpu0 = _cpu_seconds(server.pid)
-    out = asyncio.run(coro)
+    out = phase()
     cpu1 = _cpu_seconds(server.pid)
     if cpu0 is not None and cpu1 is not None and out["requests"]:
         out["server_cpu_ms_per_request"] = 1000 * (cpu1 - cpu0) / out["requests"]
-    out["load_average_1min"] = os.getloadavg()[0]
+    out["load_average_1min_before"], out["load_average_1min"] = load, os.getloadavg()[0]
     return out
 
 
@@ -106,6 +119,98 @@ async def _phase(base: str, urls, clients: int, duration: float) -> dict:
             "errors": sum(errors.values()), "error_kinds": errors}
 
 
+WRK_SCRIPT = r"""
+-- every request a canonical thumbnail path; the seed is a per-thread counter for the uncached phase
+local paths, prefix, suffix, fixed = {}, nil, nil, %(fixed)s
+%(paths)s
+local counter, tid = 0, 0
+local threads = {}
+function setup(thread) table.insert(threads, thread); thread:set("tid", #threads) end
+function init(args) tid = tonumber(wrk.thread:get("tid")) or 0 end
+function request()
+  counter = counter + 1
+  if fixed then return wrk.format("GET", paths[(counter * 7919 + tid) %% #paths + 1]) end
+  return wrk.format("GET", prefix .. tostring(%(seed0)d + tid * 100000000 + counter) .. suffix)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("JSON {\"requests\": %%d, \"duration_us\": %%d, \"socket_errors\": %%d, " ..
+    "\"non_2xx\": %%d, \"p50_us\": %%d, \"p90_us\": %%d, \"p99_us\": %%d, \"max_us\": %%d}\n",
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def _phase_wrk(base: str, clients: int, duration: float, paths: list[str] | None = None,
+               prefix: str = "", suffix: str = "", seed0: int = 0) -> dict:
+    """wrk with `clients` connections on 2 threads: fixed `paths` in turn, or prefix + a new seed + suffix."""
+    lua = WRK_SCRIPT % {
+        "fixed": "true" if paths else "false", "seed0": seed0,
+        "paths": ("\n".join(f"paths[{i + 1}] = {json.dumps(p)}" for i, p in enumerate(paths)) if paths
+                  else f"prefix = {json.dumps(prefix)}; suffix = {json.dumps(suffix)}")}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(lua)
+    try:
+        out = subprocess.run(["wrk", "-t", "2", "-c", str(clients), "-d", f"{int(duration)}s", "--timeout", "30s",
+                              "-s", f.name, base], capture_output=True, text=True, timeout=duration + 120)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"^JSON (\{.*\})$", out.stdout, re.M)
+    if not m:
+        raise SystemExit(f"wrk gave no result: {out.stdout[-1500:]} {out.stderr[-1500:]}")
+    r = json.loads(m.group(1))
+    seconds = r["duration_us"] / 1e6
+    return {"client": "wrk", "requests": r["requests"], "seconds": seconds, "requests_per_s": r["requests"] / seconds,
+            "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000, "p99_ms": r["p99_us"] / 1000,
+            "max_ms": r["max_us"] / 1000, "errors": r["socket_errors"] + r["non_2xx"],
+            "error_kinds": {"socket": r["socket_errors"], "non-2xx": r["non_2xx"]}}
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 48) -> dict:
+    """Where an uncached thumbnail's time goes, in this process, one thread: ms per image for the
+    generator, the novelty guard, the upscaler and the encoder (median of `n`)."""
+    from PIL import Image
+
+    from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
+    from neighbourhoods.thumbnails.postprocess import encode
+
+    if not is_replica(run):
+        import torch
+        torch.set_num_threads(1)
+    source, guard, upscaler = load_pipeline(ws, run, novelty=novelty, progress=False)
+    w, h = (int(v) for v in size.split("x"))
+    parts: dict[str, list[float]] = {"generator": [], "guard": [], "upscale": [], "encode": []}
+    for k in range(n + 4):
+        t0 = time.perf_counter()
+        img = source.sample([k % len(source.class_names)], [50_000_000 + k])
+        t1 = time.perf_counter()
+        if guard is not None:
+            guard.similarity(img)
+        t2 = time.perf_counter()
+        big = upscaler.resize(Image.fromarray(img[0]), (w, h))
+        t3 = time.perf_counter()
+        encode(big, fmt)
+        t4 = time.perf_counter()
+        if k >= 4:   # warm-up
+            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                parts[key].append(1000 * dt)
+    out = {f"{key}_ms": round(float(np.median(v)), 2) for key, v in parts.items()}
+    out["total_ms"] = round(sum(out.values()), 2)
+    out["upscale"], out["load_average_1min"] = upscaler.name, os.getloadavg()[0]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", help="workspace with the run (default: a toy-town run made in a temp folder)")
@@ -117,23 +222,31 @@ def main() -> None:
     ap.add_argument("--format", default="jpg")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
     ap.add_argument("--no-novelty-guard", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="first time one uncached thumbnail's parts in-process")
+    ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
+                    help="load generator (default wrk where installed: `apt install wrk`)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     args = ap.parse_args()
 
     tmp = None
-    if args.workspace and args.run:
-        ws, run = Path(args.workspace), args.run
+    if args.run and (args.workspace or args.run.endswith(".onnx")):
+        ws, run = (Path(args.workspace) if args.workspace else None), args.run
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
         print("no --workspace/--run: training a tiny toy-town dcgan first ...", flush=True)
         ws, run = _toy_run(Path(tmp.name))
+    profile = None
+    if args.profile:
+        profile = profile_uncached(ws, run, args.size, args.format, not args.no_novelty_guard)
+        print("profile ", json.dumps(profile), flush=True)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "neighbourhoods", "serve", "--workspace", str(ws), "--run", run,
-           "--port", str(port), "--threads", str(args.threads)]
+    cmd = [sys.executable, "-m", "neighbourhoods", "serve", "--run", run, "--port", str(port),
+           "--threads", str(args.threads)] + (["--workspace", str(ws)] if ws else [])
     if args.no_novelty_guard:
         cmd.append("--no-novelty-guard")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -142,6 +255,7 @@ def main() -> None:
                 raise SystemExit(f"server exited: {server.stdout.read()}")
             try:
                 health = httpx.get(base + "/healthz", timeout=2).json()
+                startup_s = time.perf_counter() - started
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
@@ -149,22 +263,32 @@ def main() -> None:
                 time.sleep(0.5)
         cities = [c["name"] for c in httpx.get(base + "/cities").json()["cities"]]
 
-        def url(city: str, seed: int) -> str:
-            q = httpx.QueryParams({"city": city, "seed": seed, "size": args.size, "format": args.format})
-            return f"/thumbnail?{q}"
+        from neighbourhoods.core.urls import Thumb, canonical_path
+
+        def url(city: str, seed: int) -> str:    # the canonical spelling: no redirects in the measurement
+            return canonical_path(Thumb(city, seed, args.size, args.format))
 
         warm = [url(cities[k % len(cities)], k) for k in range(args.distinct)]
         t0 = time.perf_counter()
         for u in warm:
-            httpx.get(base + u, timeout=60).raise_for_status()
+            r = httpx.get(base + u, timeout=60)
+            assert r.status_code == 200, (u, r.status_code, r.text[:200])
         warm_s = time.perf_counter() - t0
-        cached = _measured(server, _phase(base, lambda k, i: warm[(k * 7919 + i) % len(warm)], args.clients,
-                                          args.duration))
-        print("cached  ", json.dumps(cached), flush=True)
-        uncached = _measured(server, _phase(base, lambda k, i: url(cities[(k + i) % len(cities)],
-                                                                   10_000_000 + k * 1_000_000 + i),
-                                            args.clients, args.duration))
+        if args.client == "wrk":
+            head, tail = url(cities[0], 0).split("seed=0")
+            cached = _measured_sync(server, lambda: _phase_wrk(base, args.clients, args.duration, paths=warm))
+            print("cached  ", json.dumps(cached), flush=True)
+            uncached = _measured_sync(server, lambda: _phase_wrk(base, args.clients, args.duration,
+                                                                 prefix=head + "seed=", suffix=tail, seed0=10_000_000))
+        else:
+            cached = _measured(server, _phase(base, lambda k, i: warm[(k * 7919 + i) % len(warm)], args.clients,
+                                              args.duration))
+            print("cached  ", json.dumps(cached), flush=True)
+            uncached = _measured(server, _phase(base, lambda k, i: url(cities[(k + i) % len(cities)],
+                                                                       10_000_000 + k * 1_000_000 + i),
+                                                args.clients, args.duration))
         print("uncached", json.dumps(uncached), flush=True)
+        peak_rss = _peak_rss_mb(server.pid)
         health_after = httpx.get(base + "/healthz").json()
     finally:
         server.terminate()
@@ -175,14 +299,17 @@ def main() -> None:
         if tmp is not None:
             tmp.cleanup()
     result = {"workspace": str(ws), "run": run, "duration_s": args.duration, "clients": args.clients,
+              "client": args.client, "startup_s": startup_s, "profile_uncached": profile, "server_peak_rss_mb": peak_rss,
+              "server_rss_mb_after": health_after.get("rss_mb"),
               "size": args.size, "format": args.format, "server_threads": args.threads,
               "novelty_guard": not args.no_novelty_guard, "model": health,
               "warmup": {"urls": len(warm), "seconds": warm_s, "sequential_ms_per_uncached": 1000 * warm_s / len(warm)},
               "cached": cached, "uncached": uncached,
               "server_after": {k: health_after[k] for k in ("cache", "sample_cache", "batches", "samples_generated")},
               "cpu": {"cores": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-              "target": {"errors": 0, "cached_p99_ms": 250},
-              "met": cached["errors"] == 0 and uncached["errors"] == 0 and cached["p99_ms"] < 250}
+              "target": {"errors": 0, "cached_p99_ms": 250, "uncached_p99_ms": 500},
+              "met": cached["errors"] == 0 and uncached["errors"] == 0 and cached["p99_ms"] < 250
+              and uncached["p99_ms"] < 500}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from neighbourhoods.core.workspace import atomic_write_json
@@ -192,7 +319,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"wrote {out}: cached {cached['requests_per_s']:.0f} req/s p99 {cached['p99_ms']:.1f} ms, "
           f"uncached {uncached['requests_per_s']:.1f} req/s p99 {uncached['p99_ms']:.0f} ms, "
-          f"errors {cached['errors'] + uncached['errors']}")
+          f"errors {cached['errors'] + uncached['errors']}; start-up {startup_s:.1f} s, peak RSS {peak_rss} MB")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def test_export_gives_the_same_pixels_and_serves_without_model_code(served_run, 
     exported = load_exported(tmp_path / "g.pt2")
     original = load_source(ws, run)
     assert exported.fingerprint == original.fingerprint
-    assert np.array_equal(exported.sample([2, 0], [11, 12]), original.sample([2, 0], [11, 12]))
+    # one image per call, as serving samples (CPU kernels differ with the batch size by a grey level)
+    assert np.array_equal(exported.sample([2, 0], [11, 12], batch_size=1), original.sample([2, 0], [11, 12]))
 
 
 def test_loading_a_tampered_export_is_a_clear_error(served_run, tmp_path):

@@ -407,3 +407,29 @@ def test_a_resolution_no_model_can_train_fails_at_ingest_in_one_line(tmp_path, c
     assert err.startswith("error: no model can train at 50x50: projected needs a base of 3 or more px") and err.count("\n") == 1
     assert "dcgan needs a base of 3-8 px" in err and "96x128" in err
     assert not (tmp_path / "ws" / "catalog.sqlite").exists()      # refused before anything was written
+
+
+def test_a_file_name_that_is_not_utf8_is_catalogued_as_it_is_on_disk(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "photos"
+    save(photo(seed=1), d / "good.jpg", quality=90)
+    odd = os.fsencode(str(d)) + b"/caf\xe9-\xff.jpg"            # Latin-1 bytes from a zip or Windows dump
+    with open(odd, "wb") as f:
+        photo(seed=2).save(f, format="JPEG", quality=90)
+    table = tmp_path / "labels.csv"
+    table.write_text("file,city\ngood.jpg,Oakdale\n")
+    summary = run(d, tmp_path / "ws", labels=table)
+    assert summary.files == 2 and summary.kept == 2 and summary.labels == {"Oakdale": 1}
+    con = sqlite3.connect(tmp_path / "ws" / "catalog.sqlite")
+    stored = dict(con.execute("SELECT path, status FROM photos").fetchall())
+    con.close()
+    assert stored[odd] == "kept"                                  # the exact bytes, as on disk
+    assert "no label entry for 1 files: caf\\xe9-\\xff.jpg" in summary.describe()
+    again = run(d, tmp_path / "ws", labels=table)                 # a re-run finds it unchanged
+    assert (again.new, again.changed, again.removed, again.decoded) == (0, 0, 0, 0)
+    out = subprocess.run([sys.executable, "-m", "neighbourhoods", "ingest", str(d), "-w", str(tmp_path / "ws2"),
+                          "--labels", str(table), "--res", "32x32", "--min-side", "16", "--workers", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "caf\\xe9-\\xff.jpg" in out.stdout, out.stderr

@@ -136,7 +136,8 @@ def test_concurrent_requests_are_batched_into_few_generator_calls(thumbs, city):
     async def fire():
         transport = httpx.ASGITransport(app=create_app(thumbs))
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-            return await asyncio.gather(*[c.get("/thumbnail", params={"city": city, "seed": 1000 + k})
+            return await asyncio.gather(*[c.get("/thumbnail", params={"city": city, "seed": 1000 + k,
+                                                                       "size": "256x192", "format": "jpg"})
                                           for k in range(16)])
 
     before = thumbs.batcher.batches

@@ -68,6 +68,8 @@ def _run_ingest(args) -> None:
                      min_side=args.min_side, max_pixels=args.max_pixels, holdout=args.holdout,
                      holdout_min=args.holdout_min, near_duplicate_distance=args.near_duplicate_distance,
                      workers=args.workers, progress=not args.json)
+    if summary is None:
+        return   # a torchrun process other than rank 0: its share is in the catalog, rank 0 reports
     if args.json:
         _print_json(summary.to_json())
     else:
@@ -169,8 +171,9 @@ def _run_demo(args) -> None:
 # --- generate -------------------------------------------------------------------------------
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="write thumbnails of never-existing houses per city")
-    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
-    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, or an exported .pt2")
+    p.add_argument("--workspace", "-w", help="workspace folder (not needed for an .onnx replica)")
+    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, an exported .pt2, "
+                   "or an .onnx replica (`export --format onnx`: no torch loaded)")
     p.add_argument("--city", action="append", default=[], help="city (repeatable), as the run names it")
     p.add_argument("--all-cities", action="store_true", help="a folder per conditioning class of the run")
     p.add_argument("--every-city", action="store_true",
@@ -206,8 +209,9 @@ def _run_generate(args) -> None:
 # --- serve ----------------------------------------------------------------------------------
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve thumbnails over HTTP (gallery at /)")
-    p.add_argument("--workspace", "-w", required=True, help="workspace folder")
-    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, or an exported .pt2")
+    p.add_argument("--workspace", "-w", help="workspace folder (not needed for an .onnx replica)")
+    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, an exported .pt2, "
+                   "or an .onnx replica (`export --format onnx`: no torch loaded)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
@@ -219,16 +223,43 @@ def _add_serve(sub) -> None:
     p.add_argument("--cache-mb", type=float, default=256.0, help="LRU cache of rendered thumbnails, MiB")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the generator (encoding runs beside it)")
     p.add_argument("--max-side", type=int, default=1024, help="largest thumbnail side served, px")
+    p.add_argument("--max-seed", type=int, default=None, help="largest seed served (default 2^63-1); bounds what "
+                   "one city can cost, beside signed URLs (NEIGHBOURHOODS_URL_KEY, see `neighbourhoods sign`)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a whole request head (slow clients are closed)")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections beyond this get a 503 at once")
     p.set_defaults(func=_run_serve)
 
 
 def _run_serve(args) -> None:
+    from neighbourhoods.core.urls import MAX_SEED, key_from_env
     from neighbourhoods.serve import ServeConfig, serve
 
     cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
-                      torch_threads=args.threads, max_side=args.max_side)
+                      torch_threads=args.threads, max_side=args.max_side, url_key=key_from_env(),
+                      max_seed=min(args.max_seed, MAX_SEED) if args.max_seed is not None else MAX_SEED,
+                      header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+                      max_connections=args.max_connections)
     serve(args.workspace, args.run, host=args.host, port=args.port, config=cfg, upscale=args.upscale,
           novelty=not args.no_novelty_guard, guard_device=args.guard_device)
+
+
+def _add_sign(sub) -> None:
+    p = sub.add_parser("sign", help="the canonical, signed URL of a thumbnail (key: NEIGHBOURHOODS_URL_KEY)")
+    p.add_argument("--city", required=True, help="the city as the run spells it (GET /cities)")
+    p.add_argument("--seed", type=int, required=True, help="a non-negative integer")
+    p.add_argument("--size", default="256x192", help="WxH (default 256x192)")
+    p.add_argument("--format", default="jpg", choices=["jpg", "png", "webp"])
+    p.add_argument("--fallback", choices=["any"], help="draw a city the data never had from (any city)")
+    p.add_argument("--base", default="", help="prepended to the path, e.g. https://img.example.com")
+    p.set_defaults(func=_run_sign)
+
+
+def _run_sign(args) -> None:
+    from neighbourhoods.sign import sign
+
+    print(sign(args.city, args.seed, size=args.size, format=args.format, fallback=args.fallback, base=args.base))
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -236,7 +267,10 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export the EMA generator (torch.export .pt2) for serving without the training code")
     p.add_argument("--workspace", "-w", required=True, help="workspace folder")
     p.add_argument("--run", required=True, help="run name under WS/runs or a run folder")
-    p.add_argument("--out", required=True, help="output file (.pt2); metadata goes beside it")
+    p.add_argument("--out", required=True, help="output file (.pt2, or .onnx for --format onnx); metadata beside it")
+    p.add_argument("--format", choices=["pt2", "onnx"], default=None,
+                   help="pt2: torch.export (default); onnx: a replica for onnxruntime, no torch, with the guard "
+                   "and the upscaler (default: from --out's suffix)")
     p.add_argument("--bench", action="store_true", help="also measure CPU latency per thumbnail at batch 1 and 64")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_run_export)
@@ -245,12 +279,15 @@ def _add_export(sub) -> None:
 def _run_export(args) -> None:
     from neighbourhoods.export import export
 
-    result = export(args.workspace, args.run, args.out, bench=args.bench)
+    result = export(args.workspace, args.run, args.out, bench=args.bench, fmt=args.format)
     if args.json:
         _print_json(result)
     else:
         print(f"exported to {result['path']} ({result['bytes'] / 2**20:.1f} MiB); "
-              f"max |exported - original| = {result['max_abs_diff']:.2e}")
+              f"max |exported - original| = {result['max_abs_diff']} / 255"
+              + (f"; guard similarity within {result['guard_max_similarity_diff']:.1e}"
+                 if "guard_max_similarity_diff" in result else "")
+              + (f"; upscale within {result['upscale_max_abs_diff']} / 255" if "upscale_max_abs_diff" in result else ""))
         for b in result.get("latency", []):
             print(f"  {b['threads']} thread(s), batch {b['batch']:>3}: {b['ms_per_image']:.2f} ms per image "
                   f"({b['ms_per_batch']:.1f} ms per batch) + {b['postprocess_ms_per_image']:.1f} ms {b['upscale']} upscale+encode "
@@ -279,10 +316,16 @@ def _run_upscale(args) -> None:
 
 
 # --- train ----------------------------------------------------------------------------------
-def _add_train(sub) -> None:
+TRAIN_HELP = "train a city-conditioned generator on the prepared photos"
+
+
+def _add_train(sub, full: bool = True) -> None:
+    if not full:   # train's flags come from TrainConfig, which imports torch: not for other verbs (replicas)
+        sub.add_parser("train", help=TRAIN_HELP)
+        return
     from neighbourhoods.train.config import add_arguments  # every flag, help and default from TrainConfig
 
-    p = sub.add_parser("train", help="train a city-conditioned generator on the prepared photos")
+    p = sub.add_parser("train", help=TRAIN_HELP)
     p.add_argument("--workspace", "-w", required=True, help="workspace folder (after ingest)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved options and exit without training")
     add_arguments(p)
@@ -320,7 +363,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     p.add_argument("--min-city-holdout", type=int, default=25, help="per-city KID for cities with at least this many held-out photos")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--size", type=ThumbSize.parse, default=None, metavar="WxH",
+    p.add_argument("--size", type=_arg(ThumbSize.parse), default=None, metavar="WxH",
                    help="score the thumbnails as generate/serve make them at this size (e.g. 128x96, 256x192), "
                         "against the held-out photos cropped to that size (default: the samples themselves)")
     p.add_argument("--upscale", default=None, help="the served path's upscaler (default: what generate and serve use)")
@@ -355,22 +398,31 @@ def _run_report(args) -> None:
     print(write_report(args.workspace, args.run, out=args.out, seeds=args.seeds))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line, like every other error (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI; `command` given, only that verb needs its full flags (the others list their help)."""
+    parser = _Parser(
         prog="neighbourhoods",
         description="Listing photos in, a city-conditioned generator of never-existing house photos out.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_ingest(sub)
     _add_cluster(sub); _add_select(sub)
-    _add_train(sub)
+    _add_train(sub, full=command in (None, "train"))
     _add_evaluate(sub); _add_report(sub)
     _add_demo(sub)
-    _add_generate(sub); _add_serve(sub); _add_export(sub); _add_upscale(sub)
+    _add_generate(sub); _add_serve(sub); _add_sign(sub); _add_export(sub); _add_upscale(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     try:
         args.func(args)
@@ -380,7 +432,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:   # faults from below that have a fix the user can apply: one line too
+        message = _known_fault(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _known_fault(e: Exception) -> str | None:
+    """A full disk or a damaged catalog wherever it surfaced (a library's own error type included)."""
+    import sqlite3
+
+    from neighbourhoods.core.catalog import damaged_error, is_damaged
+    from neighbourhoods.core.errors import disk_full_error, is_disk_full
+
+    if is_disk_full(e):
+        return str(disk_full_error(getattr(e, "filename", None)))
+    if isinstance(e, sqlite3.DatabaseError) and is_damaged(e):
+        return str(damaged_error("of this workspace", e))
+    return None
 
 
 if __name__ == "__main__":

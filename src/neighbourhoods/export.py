@@ -1,15 +1,16 @@
-"""`neighbourhoods export`: the EMA generator via torch.export, so serving needs no training code.
+"""`neighbourhoods export`: the EMA generator for serving without the training code.
 
-    OUT.pt2    torch.export ExportedProgram: graph + weights, dynamic batch dimension
-    OUT.json   class_names, res, z_dim, images_seen, weights fingerprint, noise recipe
+    --format pt2 (default)   OUT.pt2 + OUT.json: a torch.export ExportedProgram (graph + weights,
+                             dynamic batch); still torch, but no `models` code (thumbnails/exported.py)
+    --format onnx            OUT.onnx + OUT.json, the novelty guard (OUT.guard.onnx, OUT.guard.npz)
+                             and the ESPCN upscaler (OUT.sr.onnx): a replica that generate and serve
+                             run with onnxruntime, importing no torch and needing no workspace
+                             (thumbnails/replica.py)
 
-Reading it back (what `serve` and `generate` do with a .pt2) is thumbnails/exported.py.
-
-Why torch.export and not ONNX or TorchScript: ONNX would add two dependencies (onnx,
-onnxruntime) for a graph torch already runs; TorchScript (torch.jit) is deprecated in the torch
-this project pins. An ExportedProgram loads with torch.export.load (weights through the
-weights-only loader, no pickled Python), runs without the `models` package, and gives the same
-pixels as the eager model (`export` checks the largest difference and reports it).
+An ExportedProgram loads with torch.export.load (weights through the weights-only loader, no
+pickled Python); ONNX files are plain graphs. Both are checked here against the eager model:
+the largest pixel difference (and, for the replica, the guard's similarity and the upscaler's
+pixels) is measured and reported.
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ def _wrapper(model):
     return Uint8Generator().eval()
 
 
-def export(workspace, run: str, out, bench: bool = False, check_n: int = 8) -> dict:
+def export(workspace, run: str, out, bench: bool = False, check_n: int = 8, fmt: str | None = None) -> dict:
     out = Path(out)
-    if out.suffix != ".pt2":
-        raise NeighbourhoodsError(f"--out must end in .pt2, got {out}")
+    fmt = fmt or (out.suffix[1:] if out.suffix in (".pt2", ".onnx") else "pt2")
+    if fmt not in ("pt2", "onnx") or out.suffix != f".{fmt}":
+        raise NeighbourhoodsError(f"--out must end in .pt2 (--format pt2) or .onnx (--format onnx), got {out}")
+    if fmt == "onnx":
+        return export_onnx(workspace, run, out, check_n=check_n)
     ws = open_workspace(workspace)
     gen = runs.load_generator(runs.resolve_run(ws, run))
     wrapped = _wrapper(gen.model)
@@ -110,3 +114,78 @@ def benchmark(path, batches=(1, 64), threads=(1, 2), reps: int = 7, size=(256, 1
     finally:
         torch.set_num_threads(before)
     return rows
+
+
+# --- ONNX replicas -----------------------------------------------------------------------------------
+def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
+    """torch.onnx's TorchScript-based exporter (opset 17): it needs only the `onnx` package."""
+    import warnings
+
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the exporter's deprecation notices: this torch is pinned
+        torch.onnx.export(module, args, str(tmp), dynamo=False, opset_version=17, input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic)
+
+
+def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
+    """OUT.onnx (+ .json, .guard.onnx, .guard.npz, .sr.onnx): a replica with no torch (replica.py)."""
+    from neighbourhoods.core.latents import latents
+    from neighbourhoods.metrics import novelty
+    from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
+    from neighbourhoods.thumbnails import replica
+    from neighbourhoods.thumbnails.upscalers import SRUpscaler
+
+    ws = open_workspace(workspace)
+    run_dir = runs.resolve_run(ws, run)
+    gen = runs.load_generator(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    z = torch.from_numpy(latents([0, 1], gen.z_dim))
+    _onnx(_wrapper(gen.model), (z, torch.zeros(2, dtype=torch.long)), out, ["z", "labels"], ["images"],
+          {"z": {0: "n"}, "labels": {0: "n"}, "images": {0: "n"}})
+
+    # the guard: its network, and the index of training photos it compares with (features cached by evaluate)
+    index = novelty.load_index(ws, gen.res, progress=False)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = load_efficientnet_lite0()
+
+        def forward(self, images01):
+            return efficientnet_pooled(self.net, images01)
+
+    _onnx(Pooled().eval(), (torch.rand(2, 3, *replica.GUARD_HW),), replica.sibling(out, ".guard.onnx"), ["images"],
+          ["features"], {"images": {0: "n"}, "features": {0: "n"}})
+    with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=index.train_features.astype(np.float16), photo_ids=index.train_photo_ids,
+                 threshold=np.float64(index.threshold))
+
+    upscaler = get_upscaler(None, workspace=ws.root, res=gen.res)
+    upscale = None
+    if isinstance(upscaler, SRUpscaler):
+        _onnx(upscaler.model, (torch.rand(1, 3, *gen.res),), replica.sibling(out, ".sr.onnx"), ["x"], ["y"],
+              {"x": {2: "h", 3: "w"}, "y": {2: "h2", 3: "w2"}})
+        upscale = {"name": "espcn", "scale": upscaler.scale, "fingerprint": upscaler.fingerprint}
+    meta = {"format": "onnx", "class_names": list(gen.class_names), "city_map": gen.city_map.to_json(),
+            "res": list(gen.res), "z_dim": int(gen.z_dim), "images_seen": int(gen.images_seen),
+            "fingerprint": weights_fingerprint(gen.model), "run": str(run_dir), "noise": "core.latents",
+            "guard": {"space": index.space, "photos": int(len(index.train_photo_ids)),
+                      "threshold": float(index.threshold)},
+            "upscale": upscale}
+    atomic_write_json(out.with_suffix(".json"), meta)
+
+    # the replica must give the eager model's pixels (to 1/255), similarities and upscales
+    seeds = list(range(check_n))
+    classes = [i % len(gen.class_names) for i in seeds]
+    ref = runs.sample(gen, classes, seeds)
+    got = replica.load_replica_source(out).sample(classes, seeds)
+    result = {"path": str(out), "bytes": sum(p.stat().st_size for p in out.parent.glob(out.stem + ".*")),
+              "max_abs_diff": int(np.abs(ref.astype(np.int16) - got.astype(np.int16)).max())}
+    eager_sim = index.max_similarity(ref)
+    replica_sim = replica.load_replica_guard(out).similarity(ref)
+    result["guard_max_similarity_diff"] = float(np.abs(eager_sim - replica_sim).max())
+    if upscale:
+        a = upscaler._pass(ref[0])
+        b = replica.load_replica_upscaler(out)._pass(ref[0])
+        result["upscale_max_abs_diff"] = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    return {**result, **meta}

@@ -18,10 +18,9 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.grid import save_grid
 from neighbourhoods.core.resolution import ThumbSize
 from neighbourhoods.core.workspace import atomic_write_bytes, atomic_write_json, make_folder
-from neighbourhoods.thumbnails.guard import check_seed, load_guard, render_samples
+from neighbourhoods.thumbnails.guard import check_seed, render_samples
+from neighbourhoods.thumbnails.pipeline import load_pipeline
 from neighbourhoods.thumbnails.postprocess import encode, parse_format
-from neighbourhoods.thumbnails.source import load_source
-from neighbourhoods.thumbnails.upscalers import get_upscaler
 
 GRID_SAMPLES = 64   # thumbnails of a city shown in its grid.png (the first ones)
 GRID_COLUMNS = 8
@@ -61,9 +60,8 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     check_seed(config.seed)
     check_seed(config.seed + config.n - 1)
     fmt = parse_format(config.fmt)
-    source = load_source(workspace, run)
-    guard = load_guard(workspace, source, device=config.guard_device) if config.novelty else None
-    upscaler = get_upscaler(config.upscale, workspace=workspace, res=source.res)
+    source, guard, upscaler = load_pipeline(workspace, run, config.upscale, config.novelty, config.guard_device,
+                                            progress=progress)
     if config.every_city:
         matches = [source.resolve(c) for c in source.city_map.cities]
     elif config.all_cities:
@@ -81,30 +79,30 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
                 {"threshold": guard.threshold, "max_attempts": guard.max_attempts},
                 "cities": {}}
     taken: set[str] = set()
-    bar = tqdm(total=len(matches) * len(seeds), unit="img", disable=not progress, desc="generate")
-    for match in matches:
-        folder = slug(match.city, taken)
-        (out / folder).mkdir(exist_ok=True)
-        files, thumbs, replaced = [], [], 0
-        for start in range(0, len(seeds), config.batch_size):
-            chunk = seeds[start:start + config.batch_size]
-            # a city drawn from a shared class samples seeds of its own (CityMatch.seed)
-            sampled = [match.seed(s) for s in chunk]
-            for seed, s in zip(chunk, render_samples(source, [match.class_index] * len(chunk), sampled, guard)):
-                img = upscaler.resize(Image.fromarray(s.image), config.size)
-                rel = f"{folder}/{seed:06d}.{fmt}"
-                atomic_write_bytes(out / rel, encode(img, fmt))
-                if len(thumbs) < GRID_SAMPLES:
-                    thumbs.append(img)
-                files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity})
-                replaced += s.used_seed != s.seed   # the guard swapped a near-copy for another seed
-                bar.update(1)
-        grid_rel = f"{folder}/grid.png"
-        save_grid(out / grid_rel, thumbs, GRID_COLUMNS, pad=2, border=2)
-        manifest["cities"][match.city] = {"folder": folder, "grid": grid_rel, "files": files,
-                                          "draws_from": match.draws_from, "fallback": match.fallback,
-                                          "replaced": replaced}
-    bar.close()
+    # closed before an error propagates: the error is the last line printed, not a half bar
+    with tqdm(total=len(matches) * len(seeds), unit="img", disable=not progress, desc="generate") as bar:
+        for match in matches:
+            folder = slug(match.city, taken)
+            (out / folder).mkdir(exist_ok=True)
+            files, thumbs, replaced = [], [], 0
+            for start in range(0, len(seeds), config.batch_size):
+                chunk = seeds[start:start + config.batch_size]
+                # a city drawn from a shared class samples seeds of its own (CityMatch.seed)
+                sampled = [match.seed(s) for s in chunk]
+                for seed, s in zip(chunk, render_samples(source, [match.class_index] * len(chunk), sampled, guard)):
+                    img = upscaler.resize(Image.fromarray(s.image), config.size)
+                    rel = f"{folder}/{seed:06d}.{fmt}"
+                    atomic_write_bytes(out / rel, encode(img, fmt))
+                    if len(thumbs) < GRID_SAMPLES:
+                        thumbs.append(img)
+                    files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity})
+                    replaced += s.used_seed != s.seed   # the guard swapped a near-copy for another seed
+                    bar.update(1)
+            grid_rel = f"{folder}/grid.png"
+            save_grid(out / grid_rel, thumbs, GRID_COLUMNS, pad=2, border=2)
+            manifest["cities"][match.city] = {"folder": folder, "grid": grid_rel, "files": files,
+                                              "draws_from": match.draws_from, "fallback": match.fallback,
+                                              "replaced": replaced}
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 

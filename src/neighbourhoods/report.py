@@ -175,7 +175,7 @@ def svg_histogram(groups: list[tuple[str, np.ndarray]], x_label: str, threshold:
 def data_section(ws: Workspace, res: tuple[int, int]) -> str:
     if not ws.catalog_path.is_file():
         return "<p class='note'>no catalog in the workspace</p>"
-    con = catalog.connect(ws.catalog_path)
+    con = catalog.connect_readonly(ws.catalog_path)
     try:
         status = con.execute("SELECT status, COUNT(*) AS n FROM photos GROUP BY status ORDER BY n DESC").fetchall()
         reasons = con.execute("SELECT reason, COUNT(*) AS n FROM photos WHERE status = 'rejected' "

@@ -82,9 +82,9 @@ def _select_locked(workspace, clusters: list[int] | None = None, auto: str | Non
 def selected_paths(workspace) -> list[str]:
     """Paths of the kept photos that are selected to train, in catalog order."""
     ws = open_workspace(workspace)
-    con = catalog.connect(ws.catalog_path)
+    con = catalog.connect_readonly(ws.catalog_path)
     try:
         rows = con.execute("SELECT path FROM photos WHERE status = 'kept' AND selected = 1 ORDER BY id").fetchall()
     finally:
         con.close()
-    return [r["path"] for r in rows]
+    return [catalog.fs_path(r["path"]) for r in rows]

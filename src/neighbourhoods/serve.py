@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,13 +30,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from neighbourhoods.core import urls
 from neighbourhoods.core.cities import ANY_CITY, UnknownCity
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import MAX_THUMB_SIDE, ThumbSize
-from neighbourhoods.thumbnails.guard import MAX_SEED, Guard, NoNovelSample, load_guard, render_samples
+from neighbourhoods.thumbnails.guard import MAX_SEED, Guard, NoNovelSample, render_samples
+from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
 from neighbourhoods.thumbnails.postprocess import FORMATS, PIPELINE_VERSION, media_type, parse_format, thumbnail
-from neighbourhoods.thumbnails.source import Source, load_source
-from neighbourhoods.thumbnails.upscalers import get_upscaler
+from neighbourhoods.thumbnails.source import Source
 
 log = logging.getLogger("neighbourhoods.serve")
 
@@ -51,6 +53,11 @@ class ServeConfig:
     sample_cache_mb: float = 64.0    # LRU cache of raw samples (generator resolution), in MiB
     torch_threads: int = 1           # torch intra-op threads for the generator (more spin-wait on a busy CPU; see docs/serve.md)
     encode_threads: int = 2          # threads that upscale and encode (PIL releases the GIL)
+    url_key: bytes | None = None     # HMAC key: set, only signed URLs are served (core/urls.py)
+    max_seed: int = MAX_SEED         # seeds above are a 422: bounds what one city can cost
+    keep_alive_s: float = 5.0        # idle keep-alive connections closed after this
+    header_timeout_s: float = 10.0   # a connection must send a whole request head within this (slowloris)
+    max_connections: int = 256       # open connections beyond this get 503 at once
 
 
 class ByteLRU:
@@ -165,11 +172,10 @@ class Thumbnails:
     """Renders and caches thumbnails; the app's only stateful part (usable without HTTP)."""
 
     def __init__(self, source: Source, upscaler, guard: Guard | None = None, config: ServeConfig | None = None):
-        import torch
-
         self.source, self.upscaler, self.guard = source, upscaler, guard
         self.config = config or ServeConfig()
-        torch.set_num_threads(max(1, self.config.torch_threads))
+        if "torch" in sys.modules:   # an eager source: cap its threads (a replica never imports torch)
+            sys.modules["torch"].set_num_threads(max(1, self.config.torch_threads))
         self.cache = ByteLRU(int(self.config.cache_mb * 2**20))
         self.samples = ByteLRU(int(self.config.sample_cache_mb * 2**20), size_of=lambda s: s.image.nbytes)
         self.batcher = MicroBatcher(self._render, self.config.max_batch, self.config.max_wait_ms / 1000,
@@ -225,6 +231,16 @@ class Thumbnails:
                 "samples_generated": self.batcher.samples}
 
 
+def memory() -> dict:
+    """The server's resident memory now and at its peak, MB (Linux /proc; {} elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        return {"rss_mb": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+                "peak_rss_mb": round(int(fields["VmHWM"].split()[0]) / 1024, 1)}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
 def _etag_matches(header: str | None, etag: str) -> bool:
     if not header:
         return False
@@ -270,7 +286,7 @@ def create_app(thumbs: Thumbnails):
         return {"status": "ok", "model": source.label, "images_seen": source.images_seen,
                 "generator_res": list(source.res), "cities": len(source.class_names),
                 "upscale": thumbs.upscaler.name, "novelty_guard": thumbs.guard is not None,
-                **thumbs.stats()}
+                "signed_urls": cfg.url_key is not None, **memory(), **thumbs.stats()}
 
     @app.get("/cities")
     async def cities():
@@ -283,23 +299,33 @@ def create_app(thumbs: Thumbnails):
 
     @app.api_route("/thumbnail", methods=["GET", "HEAD"])
     async def thumbnail(request: Request,
+                        # declared for the API docs; the query is parsed strictly below (core/urls.py)
                         city: str = Query(..., max_length=300, description="city name, as /cities lists it"),
-                        seed: int = Query(..., ge=0, le=MAX_SEED, description="any non-negative integer"),
+                        seed: str = Query(..., max_length=20, description="a non-negative integer, plain digits"),
                         size: str = Query(None, max_length=20, description="WxH, e.g. 256x192"),
                         format: str = Query("jpg", max_length=10, description="jpg, png or webp"),
                         fallback: str = Query(None, max_length=10,
-                                              description="any: draw a city the data never had from (any city)")):
+                                              description="any: draw a city the data never had from (any city)"),
+                        sig: str = Query(None, max_length=100, description="signature (when the server signs)")):
         try:
-            wh = ThumbSize.parse(size or cfg.default_size, cfg.max_side)
-            fmt = parse_format(format)
-        except NeighbourhoodsError as e:
-            return error(422, str(e))
-        try:
-            match = source.resolve(city, fallback)
+            params, sig = urls.parse_query(request.query_params.multi_items())
+            seed_n = urls.parse_seed(params["seed"], cfg.max_seed)
+            wh = ThumbSize.parse(urls.parse_size(params.get("size", cfg.default_size)), cfg.max_side)
+            fmt = parse_format(params.get("format", "jpg"))
+            match = source.resolve(params["city"], params.get("fallback"))
         except UnknownCity as e:
             return error(404, str(e), close_matches=e.matches)
         except NeighbourhoodsError as e:
             return error(422, str(e))
+        canonical = urls.canonical_path(urls.Thumb(match.city, seed_n, wh.name, fmt, params.get("fallback")))
+        if cfg.url_key is not None:
+            if not urls.verify(canonical, sig, cfg.url_key):
+                return error(403, "missing or wrong signature: sign the canonical URL (neighbourhoods sign)")
+            canonical += f"&{urls.SIGNATURE}={sig}"
+        if request.url.path + "?" + request.url.query != canonical:
+            # the same image in another spelling: one URL per image, so CDNs cache it once
+            return Response(status_code=308, headers={"Location": canonical, "Cache-Control": CACHE_CONTROL})
+        seed = seed_n
         # a city drawn from a shared class samples seeds of its own: no two cities share a house
         ci, seed = match.class_index, match.seed(seed)
         etag = thumbs.etag(ci, seed, wh, fmt)
@@ -366,10 +392,13 @@ function render() {
   $("page").textContent = "seeds " + state.page * PER_PAGE + "-" + ((state.page + 1) * PER_PAGE - 1);
   for (let k = 0; k < PER_PAGE; k++) {
     const seed = state.page * PER_PAGE + k;
-    const q = new URLSearchParams({ city, seed: String(seed), size, format });
+    // the canonical spelling (core/urls.py): %20 for spaces, parameters in this order
+    const q = [["city", city], ["seed", String(seed)], ["size", size], ["format", format]]
+      .map(([k, v]) => k + "=" + encodeURIComponent(v).replace(/[!'()*]/g, c => "%" + c.charCodeAt(0).toString(16).toUpperCase()))
+      .join("&");
     const fig = document.createElement("figure");
     const img = document.createElement("img");
-    img.src = "/thumbnail?" + q.toString();
+    img.src = "/thumbnail?" + q;
     img.alt = city + ", seed " + seed;
     img.dataset.seed = String(seed);
     img.addEventListener("error", () => { $("status").textContent = "some thumbnails failed to load"; });
@@ -414,11 +443,10 @@ def build(workspace, run: str, config: ServeConfig | None = None, upscale: str |
           novelty: bool = True, guard_device: str = "cpu") -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
     config = config or ServeConfig()
-    import torch
-    torch.set_num_threads(max(1, config.torch_threads))
-    source = load_source(workspace, run)
-    guard = load_guard(workspace, source, device=guard_device) if novelty else None
-    upscaler = get_upscaler(upscale, workspace=workspace, res=source.res)
+    if not is_replica(run):          # a replica runs onnxruntime, and must not even import torch
+        import torch
+        torch.set_num_threads(max(1, config.torch_threads))
+    source, guard, upscaler = load_pipeline(workspace, run, upscale, novelty, guard_device)
     return Thumbnails(source, upscaler, guard, config)
 
 
@@ -436,7 +464,63 @@ def serve(workspace, run: str, host: str = "127.0.0.1", port: int = 8000, config
     thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty, guard_device=guard_device)
     app = create_app(thumbs)
     guard = thumbs.guard.label if thumbs.guard is not None else "novelty guard off"
+    guard += "; signed URLs only" if thumbs.config.url_key is not None else ""
     print(f"serving {len(thumbs.source.class_names)} cities from {thumbs.source.label} "
           f"(upscale {thumbs.upscaler.name}; {guard}) on http://{host}:{port}/ "
           f"(gallery), /thumbnail, /cities, /healthz", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    # idle keep-alive connections close after keep_alive_s; beyond max_connections open ones, new
+    # requests get a 503 at once instead of queueing without bound (slow or idle clients)
+    cfg = thumbs.config
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                http=header_timed_protocol(cfg.header_timeout_s), timeout_keep_alive=cfg.keep_alive_s,
+                limit_concurrency=cfg.max_connections, h11_max_incomplete_event_size=16 * 1024)
+
+
+def header_timed_protocol(timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for the request head.
+
+    uvicorn times out idle keep-alive connections only after a response; a client that opens a
+    connection and sends its headers a byte at a time (slowloris) holds it for ever. This closes
+    any connection that has not completed a request head within `timeout_s` of opening or of
+    its last response. (It relies on uvicorn's H11Protocol keeping the current request as
+    `self.cycle`, as it has since 0.13; tests/test_serve_http.py checks it against the installed one.)
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimedH11(H11Protocol):
+        _deadline = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            before = self.cycle
+            super().data_received(data)
+            if self.cycle is not before:    # a whole request head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimedH11

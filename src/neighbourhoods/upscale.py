@@ -108,7 +108,7 @@ def ensure_sr(workspace, progress: bool = True, steps: int | None = None) -> dic
         return None
     con = catalog.connect(ws.catalog_path)
     try:
-        paths = [r[0] for r in con.execute("SELECT path FROM photos WHERE status = 'kept' AND "
+        paths = [catalog.fs_path(r[0]) for r in con.execute("SELECT path FROM photos WHERE status = 'kept' AND "
                                            "(split IS NULL OR split != 'holdout') ORDER BY id")]
     finally:
         con.close()

@@ -193,7 +193,8 @@ def contact_sheet(paths_nearest: list[str], paths_random: list[str], title: str,
 def _kept_paths(ws: Workspace) -> dict[int, str]:
     con = catalog.connect(ws.catalog_path)
     try:
-        return {int(r["id"]): r["path"] for r in con.execute("SELECT id, path FROM photos WHERE status = 'kept'")}
+        return {int(r["id"]): catalog.fs_path(r["path"])
+                for r in con.execute("SELECT id, path FROM photos WHERE status = 'kept'")}
     finally:
         con.close()
 

@@ -145,7 +145,7 @@ def _kept_photos(ws: Workspace) -> list[tuple[int, str, str]]:
         rows = con.execute("SELECT id, path, sha256 FROM photos WHERE status = 'kept' ORDER BY id").fetchall()
     finally:
         con.close()
-    return [(int(r["id"]), r["path"], r["sha256"] or "") for r in rows]
+    return [(int(r["id"]), catalog.fs_path(r["path"]), r["sha256"] or "") for r in rows]
 
 
 def _chunk_files(folder: Path) -> list[Path]:

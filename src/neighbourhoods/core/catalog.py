@@ -6,8 +6,11 @@ cluster/select own `cluster` and `selected`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
+
+from neighbourhoods.core.errors import NeighbourhoodsError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS photos (
@@ -39,10 +42,80 @@ def connect(path: str | Path) -> sqlite3.Connection:
     """Open (creating if needed) a catalog. WAL + synchronous=FULL: commits survive kill -9."""
     con = sqlite3.connect(str(path), timeout=60)
     con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.executescript(SCHEMA)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        con.executescript(SCHEMA)
+    except sqlite3.DatabaseError as e:
+        con.close()
+        if is_damaged(e):
+            raise damaged_error(path, e) from None
+        raise
     return con
+
+
+def db_path(path: str) -> str | bytes:
+    """A file path as the catalog stores it. A name that is not valid UTF-8 (zip and Windows
+    dumps) arrives from the OS with surrogate escapes, which SQLite text cannot hold: it is kept
+    as the exact bytes on disk instead (a BLOB in the same column, still unique)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
+def fs_path(value: str | bytes) -> str:
+    """A catalog path back as the OS path to open (the inverse of db_path)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def shown(text: str | bytes) -> str:
+    """A path fit to print: undecodable bytes as \\xNN escapes."""
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def connect_readonly(path: str | Path) -> sqlite3.Connection:
+    """Open a catalog only to read it: what generate, serve, evaluate and report need, so they run
+    from a workspace on a read-only file system (the normal way to deploy a finished model).
+
+    SQLite opens a WAL database read-only only where it can create the -shm file beside it; on
+    read-only media it is opened as immutable (nothing else may write it then, and nothing can).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise NeighbourhoodsError(f"no catalog at {path}: run `neighbourhoods ingest` first")
+    for mode in ("mode=ro", "immutable=1"):
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, timeout=60)
+        con.row_factory = sqlite3.Row
+        try:
+            con.execute("SELECT COUNT(*) FROM photos WHERE id = 0").fetchone()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+            if mode == "immutable=1":
+                raise
+        except sqlite3.DatabaseError as e:
+            con.close()
+            if is_damaged(e):
+                raise damaged_error(path, e) from None
+            raise
+    raise AssertionError("unreachable")
+
+
+def is_damaged(e: BaseException) -> bool:
+    """SQLite's words for a file that is not (or no longer) a whole database."""
+    text = str(e).lower()
+    return isinstance(e, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text
+                                                     or "file is encrypted" in text)
+
+
+def damaged_error(path, e: BaseException) -> NeighbourhoodsError:
+    return NeighbourhoodsError(
+        f"the catalog {path} is damaged ({e}): restore it from a backup, or move it aside and run "
+        "the same `neighbourhoods ingest` again (then cluster and select)")
 
 
 def read_meta(path: str | Path, key: str) -> str | None:

@@ -19,3 +19,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_bicubic(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """uint8 N x H x W x 3 -> float32 N x h x w x 3 in [0, 255]: PIL bicubic per channel (clean-fid)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images N x H x W x 3, got shape {images.shape}")
+    out = np.empty((len(images), hw[0], hw[1], 3), dtype=np.float32)
+    for i, image in enumerate(images):
+        for c in range(3):
+            channel = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))  # mode 'F'
+            out[i, ..., c] = np.asarray(channel.resize((hw[1], hw[0]), resample=Image.BICUBIC))
+    return np.clip(out, 0.0, 255.0, out=out)

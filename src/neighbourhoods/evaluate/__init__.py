@@ -249,9 +249,9 @@ def real_photos_at(ws: Workspace, photo_ids: np.ndarray, size: tuple[int, int], 
     from neighbourhoods.core import catalog
     from neighbourhoods.thumbnails.upscalers import cover_box
 
-    con = catalog.connect(ws.catalog_path)
+    con = catalog.connect_readonly(ws.catalog_path)
     try:
-        paths = dict(con.execute("SELECT id, path FROM photos WHERE status = 'kept'").fetchall())
+        paths = {pid: catalog.fs_path(p) for pid, p in con.execute("SELECT id, path FROM photos WHERE status = 'kept'")}
     finally:
         con.close()
     out = np.empty((len(photo_ids), size[1], size[0], 3), np.uint8)

@@ -19,6 +19,7 @@ Same inputs, same settings: byte-identical catalog and arrays, interrupted or no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -35,12 +36,14 @@ from tqdm import tqdm
 
 from neighbourhoods import models
 from neighbourhoods.core import catalog
-from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError, check_free_space
 from neighbourhoods.core.locks import writing_workspace
 from neighbourhoods.core.resolution import res_name, supported_resolution
 from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
 from neighbourhoods.ingest.decode import DecodeSettings, decode_one
 from neighbourhoods.ingest.labels import match_labels, read_labels
+from neighbourhoods.ingest.shards import merge_shards, open_shard, store_shard
+from neighbourhoods.nets.devices import Dist, init_distributed
 
 PIXELS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pixels (
@@ -102,7 +105,7 @@ class IngestSummary:
     def describe(self) -> str:
         def examples(items: list[str], n: int = 5) -> str:
             more = f", ... ({len(items) - n} more)" if len(items) > n else ""
-            return ", ".join(items[:n]) + more
+            return ", ".join(catalog.shown(i) for i in items[:n]) + more   # odd file names print as \xNN
 
         rejected = sum(self.rejected.values())
         lines = [f"{self.files} files in {self.workspace} ({self.new} new, {self.changed} changed, "
@@ -199,7 +202,8 @@ def _discover(con: sqlite3.Connection, root: Path, files: list[tuple[str, int, i
     """One transaction: new files become pending rows (ids in sorted-path order), changed files
     go back to pending, vanished files leave, labels are (re)applied."""
     with con:
-        existing = {row[0]: (row[1], row[2], row[3]) for row in con.execute("SELECT path, id, bytes, mtime_ns FROM photos")}
+        existing = {catalog.fs_path(row[0]): (row[1], row[2], row[3])
+                    for row in con.execute("SELECT path, id, bytes, mtime_ns FROM photos")}
         if _meta_get(con, "decode_settings") != settings.key():
             # resolutions, fit or limits changed: every file must be decoded again
             con.execute(f"UPDATE photos SET {RESET_COLUMNS}")
@@ -212,7 +216,8 @@ def _discover(con: sqlite3.Connection, root: Path, files: list[tuple[str, int, i
             seen.add(path)
             old = existing.get(path)
             if old is None:
-                con.execute("INSERT INTO photos(id, path, bytes, mtime_ns) VALUES (?, ?, ?, ?)", (next_id, path, size, mtime_ns))
+                con.execute("INSERT INTO photos(id, path, bytes, mtime_ns) VALUES (?, ?, ?, ?)",
+                            (next_id, catalog.db_path(path), size, mtime_ns))
                 next_id += 1
                 summary.new += 1
             elif (old[1], old[2]) != (size, mtime_ns):
@@ -229,11 +234,12 @@ def _discover(con: sqlite3.Connection, root: Path, files: list[tuple[str, int, i
         root_prefix = str(root) + os.sep
         current = {row[0]: row[1] for row in con.execute("SELECT path, label FROM photos")}
         updates = []
-        for path, old_label in current.items():
+        for stored, old_label in current.items():
+            path = catalog.fs_path(stored)
             rel = Path(path[len(root_prefix):]).as_posix() if path.startswith(root_prefix) else path
             label = labels.get(rel)
             if label != old_label:
-                updates.append((label, path))
+                updates.append((label, stored))
         con.executemany("UPDATE photos SET label = ? WHERE path = ?", updates)
 
 
@@ -253,11 +259,18 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _decode_pending(con: sqlite3.Connection, settings: DecodeSettings, workers: int, progress: bool) -> int:
-    tasks = [(row[0], row[1], settings) for row in con.execute("SELECT id, path FROM photos WHERE status = 'pending' ORDER BY id")]
+def _pending(con: sqlite3.Connection) -> list[tuple[int, str]]:
+    return [(row[0], catalog.fs_path(row[1]))
+            for row in con.execute("SELECT id, path FROM photos WHERE status = 'pending' ORDER BY id")]
+
+
+def _decode_pending(pending: list[tuple[int, str]], store, settings: DecodeSettings, workers: int, progress: bool,
+                    desc: str = "decoding") -> int:
+    """Decode `pending` (id, path) photos, handing results to `store` in small batches."""
+    tasks = [(pid, path, settings) for pid, path in pending]
     if not tasks:
         return 0
-    bar = tqdm(total=len(tasks), unit="photo", desc="decoding", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(tasks), unit="photo", desc=desc, disable=not progress, smoothing=0.1)
     batch: list[dict] = []
     last = time.monotonic()
 
@@ -267,10 +280,10 @@ def _decode_pending(con: sqlite3.Connection, settings: DecodeSettings, workers: 
             batch.append(r)
             bar.update(1)
             if len(batch) >= COMMIT_EVERY_N or time.monotonic() - last > COMMIT_EVERY_S:
-                _store(con, batch)
+                store(batch)
                 batch, last = [], time.monotonic()
         if batch:
-            _store(con, batch)
+            store(batch)
             batch = []
 
     try:
@@ -387,23 +400,43 @@ def _write_prepared(con: sqlite3.Connection, ws, settings: DecodeSettings, progr
             continue
         h, w = res
         _remove_stale_temporaries(folder, ("images.npy", "photo_ids.npy"))
-        with atomic_path(folder / "images.npy") as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids), h, w, 3))
+        folder.mkdir(parents=True, exist_ok=True)
+        check_free_space(folder, len(ids) * (h * w * 3 + 8) + (1 << 20), f"the {name} arrays")
+        # Streamed with plain writes, not through a memory map: a mapped write dies by SIGBUS when
+        # the disk fills (here it is an ENOSPC, reported), and mapped pages would count in the
+        # process's memory, 2.7 GB for 217k photos at 64x64.
+        with atomic_path(folder / "images.npy") as tmp, open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                     "shape": (len(ids), h, w, 3)})
             cursor = con.execute("SELECT p.id, x.data FROM photos p LEFT JOIN pixels x ON x.photo_id = p.id AND x.res = ? "
                                  "WHERE p.status = 'kept' ORDER BY p.id", (name,))
             for i, (pid, blob) in enumerate(tqdm(cursor, total=len(ids), unit="photo", desc=f"writing {name}",
                                                  disable=not progress)):
-                if blob is None or pid != ids[i]:
+                if blob is None or pid != ids[i] or len(blob) != h * w * 3:
                     raise RuntimeError(f"catalog inconsistent: kept photo {pid} has no pixels at {name}")
-                arr[i] = np.frombuffer(blob, dtype=np.uint8).reshape(h, w, 3)
-            arr.flush()
-            del arr
+                f.write(blob)
         with atomic_path(folder / "photo_ids.npy") as tmp:
             np.save(tmp, ids)
         with con:
             _meta_set(con, f"prepared:{name}", fingerprint)
         written.append(name)
     return written
+
+
+def _decode_share(workspace, settings: DecodeSettings, workers: int, dd: Dist) -> None:
+    """A torchrun process other than rank 0: decode every world-th pending photo into its shard file."""
+    kind, pending = dd.send(None)
+    if kind == "error":
+        raise NeighbourhoodsError(pending)
+    root = open_workspace(workspace).root
+    con = open_shard(root, dd.rank)
+    try:
+        _decode_pending(pending[dd.rank::dd.world], lambda batch: store_shard(con, batch), settings, workers,
+                        progress=False)
+    finally:
+        con.close()
+    dd.barrier()
+    return None
 
 
 def ingest(photos, workspace, labels=None, file_column: str = "file", label_column: str | list[str] = "city",
@@ -420,18 +453,36 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
     Labels (labels.py): `labels` a CSV with `file_column` and `label_column` (several columns are
     joined: ["city", "state"] -> "Scottsdale, AZ"), or a listings table with `key_column` and
     photos named by that key (`key_pattern`, default '{key}_*'), or a dataset.json; None: folders.
+
+    Under torchrun (WORLD_SIZE > 1: machines sharing one collection on shared storage) every
+    process decodes a share of the photos and rank 0 writes the catalog (shards.py); rank 0
+    returns the summary, the others None.
     """
     if not Path(photos).expanduser().is_dir():
         raise NeighbourhoodsError(f"photos folder {Path(photos).expanduser().resolve()} not found")
+    if Path(workspace).expanduser().resolve() == Path(photos).expanduser().resolve():
+        raise NeighbourhoodsError(f"the workspace cannot be the photos folder itself ({Path(photos).expanduser().resolve()}): "
+                                  "give -w a folder of its own, e.g. beside it")
     table = read_labels(labels, file_column, label_column, key_column, key_pattern)   # bad labels: before any write
-    ws = open_workspace(workspace, create=True)
-    with writing_workspace(ws.root, "ingest"):
-        return _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
-                              holdout, holdout_min, near_duplicate_distance, workers, progress)
+    dd = init_distributed("cpu", timeout_s=7 * 24 * 3600)   # decoding a share may take hours
+    try:
+        with contextlib.ExitStack() as stack:
+            error = None
+            if dd.main:
+                try:
+                    ws = open_workspace(workspace, create=True)
+                    stack.enter_context(writing_workspace(ws.root, "ingest"))
+                except NeighbourhoodsError as e:
+                    error = str(e)
+            dd.share_error(error)
+            return _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
+                                  holdout, holdout_min, near_duplicate_distance, workers, progress, dd)
+    finally:
+        dd.close()
 
 
 def _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
-                   holdout, holdout_min, near_duplicate_distance, workers, progress) -> IngestSummary:
+                   holdout, holdout_min, near_duplicate_distance, workers, progress, dd: Dist) -> IngestSummary | None:
     started = time.monotonic()
     root = Path(photos).expanduser().resolve()   # a folder: ingest() checked before taking the lock
     if fit not in ("crop", "pad"):
@@ -445,7 +496,27 @@ def _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pix
         raise NeighbourhoodsError("give at least one resolution (--res HxW)")
     settings = DecodeSettings(res=res_list, fit=fit, min_side=min_side, max_pixels=max_pixels)
     workers = workers or os.cpu_count() or 1
+    if not dd.main:
+        return _decode_share(workspace, settings, workers, dd)
+    sent = []
 
+    def send(pending: list[tuple[int, str]]) -> None:
+        if dd.world > 1:
+            dd.send(("ok", pending))
+        sent.append(True)
+
+    try:
+        return _catalog_side(root, workspace, labels, table, settings, holdout, holdout_min, near_duplicate_distance,
+                             workers, progress, dd, send, started)
+    except NeighbourhoodsError as e:
+        if dd.world > 1 and not sent:   # the other processes wait for the photo list: give them the error
+            dd.send(("error", str(e)))
+        raise
+
+
+def _catalog_side(root: Path, workspace, labels, table, settings: DecodeSettings, holdout, holdout_min,
+                  near_duplicate_distance, workers, progress, dd: Dist, send, started: float) -> IngestSummary:
+    """Rank 0 (or the only process): discover, decode its share, merge the others', decide, write."""
     ws = open_workspace(workspace, create=True)
     skip = {Path(labels).expanduser().resolve()} if labels else set()
     skip |= {ws.catalog_path, Path(str(ws.catalog_path) + "-wal"), Path(str(ws.catalog_path) + "-shm")}
@@ -462,6 +533,7 @@ def _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pix
     con = catalog.connect(ws.catalog_path)
     try:
         con.executescript(PIXELS_SCHEMA)
+        merge_shards(con, ws.root)   # a killed sharded run's finished work, before discovery checks the files
         previous_root = _meta_get(con, "photos_root")
         if previous_root is not None and previous_root != str(root):
             # a workspace mirrors one folder: ingesting another would remove every photo of the first
@@ -470,7 +542,14 @@ def _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pix
         with con:
             _meta_set(con, "photos_root", str(root))
         _discover(con, root, files, match.labels, settings, summary)
-        summary.decoded = _decode_pending(con, settings, workers, progress)
+        pending = _pending(con)
+        send(pending)
+        share = f" (share 1 of {dd.world})" if dd.world > 1 else ""
+        summary.decoded = _decode_pending(pending[::dd.world], lambda batch: _store(con, batch), settings, workers,
+                                          progress, desc="decoding" + share)
+        if dd.world > 1:
+            dd.barrier()   # every share is in its shard file
+            summary.decoded += merge_shards(con, ws.root)
         _decide(con, holdout, holdout_min, near_duplicate_distance)
         label_counts = Counter(r[0] for r in con.execute("SELECT label FROM photos WHERE status = 'kept'"))
         names = sorted(k for k in label_counts if k is not None)

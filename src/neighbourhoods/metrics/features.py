@@ -18,8 +18,10 @@ atomically as work progresses (photo_features): an interrupted run keeps what it
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +32,13 @@ import torch
 from tqdm import tqdm
 
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.prepared import load_split
+from neighbourhoods.core.prepared import load_split, release_pages
 from neighbourhoods.core.resolution import res_name
 from neighbourhoods.core.workspace import Workspace, atomic_path
-from neighbourhoods.nets.devices import autocast_dtype
 from neighbourhoods.nets import inception
+from neighbourhoods.nets.devices import autocast_dtype
 
+log = logging.getLogger("neighbourhoods.features")
 SPACES = ("inception", "efficientnet")
 EFFICIENTNET_HW = (224, 224)
 EFFICIENTNET_PROTOCOL = "efficientnet-lite0 imagenet pooled 1280; PIL bicubic float resize to 224x224; x/127.5-1"
@@ -112,6 +115,9 @@ def _digests(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.uint64)
     for i, row in enumerate(rows):
         out[i] = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(images[row]).tobytes(), digest_size=8).digest(), "little")
+        if i % 4096 == 4095:
+            release_pages(images)   # a pass over every photo must not show up as resident memory
+    release_pages(images)
     return out
 
 
@@ -128,9 +134,20 @@ def _read_cache(path: Path, protocol: str) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _write_cache(path: Path, protocol: str, photo_ids: np.ndarray, digests: np.ndarray, features: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, photo_ids=photo_ids, digests=digests, features=features, protocol=np.array(protocol))
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, photo_ids=photo_ids, digests=digests, features=features, protocol=np.array(protocol))
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        # a read-only workspace (a deployed model): the features stay in this process's memory
+        if path not in _UNWRITABLE:
+            _UNWRITABLE.add(path)
+            log.warning("cannot cache features in %s (%s): kept in memory for this process", path.parent, e.strerror)
+
+
+_UNWRITABLE: set[Path] = set()
 
 
 def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows: np.ndarray,
@@ -159,7 +176,10 @@ def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows
     where = np.array([position.get((int(p), int(d)), -1) for p, d in zip(photo_ids, digests)], dtype=np.int64)
     missing = np.flatnonzero(where < 0)
     out = np.empty((len(rows), dim), dtype=np.float32)
-    out[where >= 0] = c_feats[where[where >= 0]]
+    hit = np.flatnonzero(where >= 0)
+    for start in range(0, len(hit), 8192):   # in blocks: a fancy-indexed copy of all rows would be a third copy
+        block = hit[start:start + 8192]
+        out[block] = c_feats[where[block]]
     if len(missing) == 0:
         return out
     loaded = space if isinstance(space, FeatureSpace) else load_space(name, device=device)
@@ -170,6 +190,7 @@ def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows
     for start in range(0, len(missing), step):
         todo = missing[start:start + step]
         feats = loaded.extract(np.asarray(images[rows[todo]]))
+        release_pages(images)
         out[todo] = feats
         pending_ids.append(photo_ids[todo].astype(np.int64))
         pending_digests.append(digests[todo])

@@ -36,9 +36,14 @@ GUARD_SPACE = "efficientnet"   # the guard's default space: a third of Inception
 PERCENTILE = 99.0
 
 
-def normalise(features: np.ndarray) -> np.ndarray:
+def normalise(features: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit length; in_place reuses a float32 array's memory (217k x 1280 is 1.1 GB)."""
     features = np.asarray(features, dtype=np.float32)
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    norms = np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    if in_place:
+        features /= norms
+        return features
+    return features / norms
 
 
 def nearest(train_unit: np.ndarray, query: np.ndarray, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +79,7 @@ def memorisation_rate(similarity: np.ndarray, threshold: float) -> float:
 
 
 def _near_duplicate_links(ws: Workspace) -> list[tuple[int, int]]:
-    con = catalog.connect(ws.catalog_path)
+    con = catalog.connect_readonly(ws.catalog_path)
     try:
         return [(int(r["id"]), int(r["near_duplicate_of"])) for r in
                 con.execute("SELECT id, near_duplicate_of FROM photos WHERE near_duplicate_of IS NOT NULL")]
@@ -118,7 +123,7 @@ class NoveltyIndex:
             raise NeighbourhoodsError(f"no selected training photos at {res_name(res)} to check novelty against")
         holdout, holdout_ids, _ = split_features(ws, res, "holdout", source, progress=progress, device=device)
         keep = independent_holdout(ws, holdout_ids, train_ids)
-        train_unit = normalise(train)
+        train_unit = normalise(train, in_place=True)   # the index holds one copy of the training features
         sims, _ = nearest(train_unit, holdout[keep])
         return cls(space=space if extractor is None else extractor.name, res=tuple(res), train_features=train_unit,
                    train_photo_ids=train_ids.astype(np.int64), holdout_photo_ids=holdout_ids[keep].astype(np.int64),

@@ -34,7 +34,8 @@ from torch import nn
 
 from neighbourhoods.core.cities import ANY_CITY as ANY_CITY  # re-exported: train, evaluate use runs.ANY_CITY
 from neighbourhoods.core.cities import CityMap
-from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.errors import NeighbourhoodsError, disk_full_error, is_disk_full
+from neighbourhoods.core.latents import latents
 from neighbourhoods.core.workspace import Workspace, atomic_write_json, fsync_path
 
 CHECKPOINT_FILES = ("G.safetensors", "G_ema.safetensors", "D.safetensors", "state.pt")
@@ -110,9 +111,8 @@ def load_state_into(module: nn.Module, state: dict[str, torch.Tensor], path: Pat
 
 
 def noise_for_seeds(seeds: list[int], z_dim: int) -> torch.Tensor:
-    """N x z_dim: row i is N(0, 1) noise from torch.Generator().manual_seed(seeds[i]) alone."""
-    rows = [torch.randn(z_dim, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return torch.stack(rows) if rows else torch.zeros(0, z_dim)
+    """N x z_dim: row i is the latent of seeds[i] alone (core.latents: no torch needed to redraw it)."""
+    return torch.from_numpy(latents(list(seeds), z_dim))
 
 
 def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
@@ -204,13 +204,19 @@ def save_checkpoint(run_dir: Path, images_seen: int, nets: dict[str, nn.Module],
             return final          # this very state is already the latest checkpoint
     tmp = ckpts / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for key, module in nets.items():
-        safetensors.torch.save_file(_tensors(module), str(tmp / f"{key}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    for file in tmp.iterdir():
-        fsync_path(file)
-    fsync_path(tmp)
+    try:
+        tmp.mkdir()
+        for key, module in nets.items():
+            safetensors.torch.save_file(_tensors(module), str(tmp / f"{key}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        for file in tmp.iterdir():
+            fsync_path(file)
+        fsync_path(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)   # a failed write must not leave 20 MB per retry behind
+        if is_disk_full(e):
+            raise disk_full_error(ckpts, f"checkpoint {name}") from None
+        raise
     if final.exists():            # a complete folder a killed run renamed but never pointed latest.json at
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -42,6 +42,14 @@ class Dist:
         if error:
             raise NeighbourhoodsError(error)
 
+    def send(self, obj):
+        """Rank 0's `obj` to every process (pickled; rank 0 passes the object, the others None)."""
+        if self.world <= 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

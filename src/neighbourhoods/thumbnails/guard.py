@@ -15,7 +15,6 @@ import numpy as np
 
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.workspace import open_workspace
-from neighbourhoods.metrics import novelty
 from neighbourhoods.thumbnails.source import Source
 
 MAX_SEED = 2**63 - 1     # seeds are non-negative 63-bit integers (torch.Generator takes them all)
@@ -55,6 +54,8 @@ def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool 
     The first call embeds every training and held-out photo (a progress bar; cached in
     WS/embeddings), later ones read the cache; `device` (cpu, cuda) runs that network.
     """
+    from neighbourhoods.metrics import novelty  # torch: imported only where the eager guard is used
+
     ws = open_workspace(workspace)
     try:
         index = novelty.load_index(ws, source.res, progress=progress, device=device)

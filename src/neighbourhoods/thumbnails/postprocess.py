@@ -14,8 +14,9 @@ from PIL import Image
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.thumbnails.upscalers import get_upscaler
 
-PIPELINE_VERSION = "2"   # bump when sampling/resizing/encoding changes, so ETags change with the bytes
-                         # (2: samples drawn one per generator call, source.SAMPLE_BATCH)
+PIPELINE_VERSION = "3"   # bump when sampling/resizing/encoding changes, so ETags change with the bytes
+                         # (2: samples drawn one per generator call, source.SAMPLE_BATCH;
+                         #  3: latents from core.latents, the same with or without torch)
 
 # format name -> (PIL format, media type, save options). Fixed options: same input, same bytes.
 FORMATS: dict[str, tuple[str, str, dict]] = {

@@ -11,8 +11,6 @@ import numpy as np
 
 from neighbourhoods.core.cities import CityMap, CityMatch
 from neighbourhoods.core.workspace import open_workspace
-from neighbourhoods.models import runs
-from neighbourhoods.thumbnails.exported import load_exported
 
 
 @dataclass
@@ -55,8 +53,13 @@ SAMPLE_BATCH = 1
 
 
 def load_source(workspace, run: str, device: str = "cpu") -> Source:
-    """A run (name under WS/runs or a path) via runs.load_generator, or an exported .pt2 file."""
+    """A run (name under WS/runs or a path) via runs.load_generator, or an exported .pt2 file.
+    (An ONNX replica is replica.load_replica_source; pipeline.load_pipeline picks.)"""
     path = Path(run)
+    # torch and the models code: imported only here, so a replica (which never calls this) never loads them
+    from neighbourhoods.models import runs
+    from neighbourhoods.thumbnails.exported import load_exported
+
     if path.suffix == ".pt2" or path.is_file():
         exported = load_exported(path)
         def sample_exported(class_indices: list[int], seeds: list[int]) -> np.ndarray:

@@ -21,6 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -110,16 +111,15 @@ def build_sr(cfg: SRConfig):
 @dataclass
 class SRUpscaler:
     name: str
-    model: object               # the ESPCN module, eval mode
+    network: Callable[[np.ndarray], np.ndarray]   # float32 1 x 3 x h x w in [0, 1] -> 1 x 3 x sh x sw in [0, 1]
     scale: int
     fingerprint: str = ""       # name + hash of the weights: retrained weights change thumbnails' ETags
+    model: object = None        # the ESPCN module (torch; None in an ONNX replica, which runs `network` only)
 
     def _pass(self, arr: np.ndarray) -> np.ndarray:
-        import torch
-        with torch.inference_mode():
-            x = torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float() / 255
-            y = self.model(x)[0].permute(1, 2, 0).mul(255).round().clamp(0, 255)
-        return y.to(torch.uint8).numpy()
+        x = np.ascontiguousarray(np.asarray(arr).transpose(2, 0, 1)[None], dtype=np.float32) / 255
+        y = self.network(x)[0].transpose(1, 2, 0)
+        return np.clip(np.round(y * 255), 0, 255).astype(np.uint8)
 
     def resize(self, img: Image.Image, size: tuple[int, int]) -> Image.Image:
         img = img.convert("RGB")
@@ -144,7 +144,13 @@ def load_sr(path: Path) -> SRUpscaler:
     model.load_state_dict(load_file(str(path)))
     model.eval()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return SRUpscaler("espcn", model, cfg.scale, f"espcn:{digest}")
+
+    def network(x: np.ndarray) -> np.ndarray:
+        import torch
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return SRUpscaler("espcn", network, cfg.scale, f"espcn:{digest}", model=model)
 
 
 def get_upscaler(name: str | None, workspace=None, res=None):

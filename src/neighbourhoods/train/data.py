@@ -57,6 +57,7 @@ class BatchReader:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers) if workers > 0 else None
         self._pending: dict[tuple[int, int], Future] = {}
+        self._loads = 0
 
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with self._lock:
@@ -81,6 +82,9 @@ class BatchReader:
             as_any.append(anyc[p % n])
         picks = np.array(picks, dtype=np.int64)
         x = np.stack([self.images[self.rows[i]] for i in picks])          # N x H x W x 3 uint8
+        self._loads += 1
+        if self._loads % 64 == 0:
+            prepared.release_pages(self.images)   # resident memory stays flat however many photos
         if self.mirror:
             x[np.array(flips)] = x[np.array(flips), :, ::-1]
         labels = self.classes[picks].copy()

@@ -50,12 +50,18 @@ def standing_bn_stats(G_ema: nn.Module, class_weights: np.ndarray, images: int, 
         m.reset_running_stats()
         m.momentum = None   # cumulative average over the batches below
     G_ema.train()
+    # train mode draws fresh per-pixel noise from the global RNG (projected.NoiseInjection): fork
+    # it, seeded, so a snapshot at any moment (Ctrl-C, a time budget) leaves the run's streams
+    # exactly where they were and the statistics depend on `seed` alone
+    devices = [device] if device.type == "cuda" else []
     try:
-        for start in range(0, images, batch):
-            n = min(batch, images - start)
-            z = torch.randn(n, G_ema.z_dim, generator=g).to(device)
-            labels = torch.multinomial(probs, n, replacement=True, generator=g).to(device)
-            G_ema(z, labels)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, images, batch):
+                n = min(batch, images - start)
+                z = torch.randn(n, G_ema.z_dim, generator=g).to(device)
+                labels = torch.multinomial(probs, n, replacement=True, generator=g).to(device)
+                G_ema(z, labels)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
