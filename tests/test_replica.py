@@ -35,7 +35,7 @@ def test_export_writes_the_replica_and_measures_it(replica):
     from neighbourhoods.export import export_onnx
     result = export_onnx(ws, run, out)
     assert result["max_abs_diff"] <= 1                       # pixels within 1/255 of the eager generator
-    assert result["guard_max_similarity_diff"] < 0.01        # fp32 here, bf16 or fp32 in the eager guard
+    assert result["guard_max_similarity_diff"] < 0.03        # fp32 here, bf16 (where native) in the eager guard
 
 
 def test_replica_samples_match_the_eager_generator(replica):
@@ -111,3 +111,23 @@ def test_the_replica_carries_the_workspaces_espcn_upscaler(served_run, tmp_path)
     from neighbourhoods.thumbnails.replica import load_replica_upscaler
     up = load_replica_upscaler(out)
     assert up.name == "espcn" and up.fingerprint.startswith("onnx-espcn:")
+
+
+def test_the_default_model_exports_to_onnx_exactly(tmp_path):
+    """The projected generator (BatchNorm after a reshape, the noise maps, SLE) as ONNX."""
+    import torch
+
+    from neighbourhoods.export import _onnx, _wrapper
+    from neighbourhoods.models import projected
+    from neighbourhoods.thumbnails.replica import _session
+
+    torch.manual_seed(0)
+    G = projected.Generator(num_classes=3, res=(48, 64), z_dim=16, embed_dim=8, max_channels=16, min_channels=8).eval()
+    z = torch.from_numpy(latents([1, 2, 3], G.z_dim))
+    labels = torch.tensor([0, 1, 2])
+    _onnx(_wrapper(G), (z, labels), tmp_path / "g.onnx", ["z", "labels"], ["images"],
+          {"z": {0: "n"}, "labels": {0: "n"}, "images": {0: "n"}})
+    with torch.no_grad():
+        eager = _wrapper(G)(z, labels).numpy()
+    got = _session(tmp_path / "g.onnx").run(None, {"z": z.numpy(), "labels": labels.numpy()})[0]
+    assert got.shape == (3, 48, 64, 3) and np.abs(eager.astype(int) - got.astype(int)).max() <= 1

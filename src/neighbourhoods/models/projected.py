@@ -159,13 +159,35 @@ class InstanceBank(nn.Module):
         return self.start[labels] + torch.minimum((u * count).long(), count - 1)
 
 
+class AdaptivePool4(nn.Module):
+    """nn.AdaptiveAvgPool2d(4), also for maps whose sides 4 does not divide (6 x 8 at 96x128).
+
+    The same averaging regions (rows floor(i*H/4) .. ceil((i+1)*H/4)), as two small matrix
+    products where 4 does not divide a side: ONNX export has no such adaptive pooling.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % 4 == 0 and w % 4 == 0:
+            return F.adaptive_avg_pool2d(x, 4)
+        return torch.einsum("ih,nchw,jw->ncij", _pool_matrix(h, x), x, _pool_matrix(w, x))
+
+
+def _pool_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
+    m = torch.zeros(4, size, dtype=like.dtype, device=like.device)
+    for i in range(4):
+        start, end = (i * size) // 4, -(-((i + 1) * size) // 4)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
 class SkipLayerExcitation(nn.Module):
     """FastGAN's SLE: channel gates for a high-res map computed from a low-res one."""
 
     def __init__(self, c_low: int, c_high: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.AdaptiveAvgPool2d(4), nn.Conv2d(c_low, c_high, 4, bias=False), nn.SiLU(),
+            AdaptivePool4(), nn.Conv2d(c_low, c_high, 4, bias=False), nn.SiLU(),
             nn.Conv2d(c_high, c_high, 1, bias=False), nn.Sigmoid())
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -191,6 +213,7 @@ class Generator(nn.Module):
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.fc = nn.Linear(z_dim + embed_dim, 2 * ch[0] * self.base[0] * self.base[1], bias=False)
         self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim, conditional=cond_bn)
+        self.fc_norm_channels = 2 * ch[0]
         # Two convs per block at low resolution (cheap there), one at the top two octaves.
         self.blocks = nn.ModuleList(
             UpBlock(ch[i], ch[i + 1], embed_dim, convs=2 if i + 1 < levels - 1 else 1,
@@ -211,7 +234,8 @@ class Generator(nn.Module):
             rows = self.instances.pick(z, labels) if instances is None else instances
             e = e + self.instance_fc(self.instances.features[rows])
         e = e * self.cond_scale
-        x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), -1, *self.base)
+        # the channel count spelled out (not -1): an exported graph (ONNX) must know BatchNorm's width
+        x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
         x = F.glu(self.fc_norm(x, e), dim=1)
         feats = [x]
         for i, block in enumerate(self.blocks):
