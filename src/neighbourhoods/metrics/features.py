@@ -133,11 +133,24 @@ def _read_cache(path: Path, protocol: str) -> tuple[np.ndarray, np.ndarray, np.n
         return None
 
 
-def _write_cache(path: Path, protocol: str, photo_ids: np.ndarray, digests: np.ndarray, features: np.ndarray) -> None:
+def _write_cache(path: Path, protocol: str, photo_ids: np.ndarray, digests: np.ndarray,
+                 features: list[tuple[np.ndarray, np.ndarray]], dim: int) -> None:
+    """The cache as an .npz whose features are the rows `index` of each (array, index), in order,
+    streamed in blocks into the zip (a whole copy of 217k x 1280 would be another 1.1 GB)."""
+    import zipfile
+
+    n = sum(len(index) for _, index in features)
     try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, photo_ids=photo_ids, digests=digests, features=features, protocol=np.array(protocol))
+        with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, arr in (("photo_ids", photo_ids), ("digests", digests), ("protocol", np.array(protocol))):
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
+            with zf.open("features.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(np.float32).str, "fortran_order": False,
+                                                         "shape": (n, dim)})
+                for arr, index in features:
+                    for start in range(0, len(index), 8192):
+                        f.write(np.ascontiguousarray(arr[index[start:start + 8192]], dtype=np.float32).tobytes())
     except OSError as e:
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
@@ -185,29 +198,24 @@ def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows
     loaded = space if isinstance(space, FeatureSpace) else load_space(name, device=device)
     bar = tqdm(total=len(missing), desc=f"{name} features of real photos ({res_name(res)})", unit="img",
                disable=not progress)
-    pending_ids, pending_digests, pending_feats = [], [], []
-    last_write = time.monotonic()
+    # the rows the new cache keeps from the old one (photos not recomputed here), then the new rows
+    # in `missing` order as they are computed; written by streaming both (_write_cache), never
+    # concatenated: memory stays the old cache plus `out`, however many photos
+    keep = np.flatnonzero(~np.isin(c_ids, photo_ids[missing]))
+    done, written, last_write = 0, 0, time.monotonic()
     for start in range(0, len(missing), step):
         todo = missing[start:start + step]
-        feats = loaded.extract(np.asarray(images[rows[todo]]))
+        out[todo] = loaded.extract(np.asarray(images[rows[todo]]))
         release_pages(images)
-        out[todo] = feats
-        pending_ids.append(photo_ids[todo].astype(np.int64))
-        pending_digests.append(digests[todo])
-        pending_feats.append(feats)
+        done = start + len(todo)
         bar.update(len(todo))
-        pending = sum(map(len, pending_ids))
-        if start + step >= len(missing) or (pending >= chunk and (time.monotonic() - last_write >= 60
-                                                                  or pending >= len(c_ids) // 4)):
-            # merge into the cache: new rows replace stale rows of the same photo id
-            new_ids = np.concatenate(pending_ids)
-            keep = ~np.isin(c_ids, new_ids)
-            c_ids = np.concatenate([c_ids[keep], new_ids])
-            c_digests = np.concatenate([c_digests[keep], *pending_digests])
-            c_feats = np.concatenate([c_feats[keep], *pending_feats])
-            _write_cache(path, wanted, c_ids, c_digests, c_feats)
-            pending_ids, pending_digests, pending_feats = [], [], []
-            last_write = time.monotonic()
+        fresh = done - written
+        if done == len(missing) or (fresh >= chunk and (time.monotonic() - last_write >= 60
+                                                        or fresh >= (len(keep) + written) // 4)):
+            new = missing[:done]
+            _write_cache(path, wanted, np.concatenate([c_ids[keep], photo_ids[new].astype(np.int64)]),
+                         np.concatenate([c_digests[keep], digests[new]]), [(c_feats, keep), (out, new)], dim)
+            written, last_write = done, time.monotonic()
     bar.close()
     return out
 
