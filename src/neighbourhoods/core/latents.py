@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1    # seeds are non-negative 63-bit integers (URLs, the guard's retries, latents)
 
 
 def latents(seeds, z_dim: int) -> np.ndarray:

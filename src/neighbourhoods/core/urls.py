@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.latents import MAX_SEED
 
 PATH = "/thumbnail"
 PARAMS = ("city", "seed", "size", "format", "fallback")
 SIGNATURE = "sig"
 KEY_ENV = "NEIGHBOURHOODS_URL_KEY"
-MAX_SEED = 2**63 - 1
 MIN_KEY_BYTES = 16
 
 _SEED = re.compile(r"(0|[1-9][0-9]*)")          # [0-9] is ASCII only: no Arabic-Indic or full-width digits

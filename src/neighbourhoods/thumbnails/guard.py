@@ -14,10 +14,9 @@ from typing import Callable
 import numpy as np
 
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.latents import MAX_SEED  # noqa: F401  (seeds: non-negative 63-bit integers)
 from neighbourhoods.core.workspace import open_workspace
 from neighbourhoods.thumbnails.source import Source
-
-MAX_SEED = 2**63 - 1     # seeds are non-negative 63-bit integers (torch.Generator takes them all)
 
 
 class NoNovelSample(NeighbourhoodsError):
