@@ -88,3 +88,31 @@ def test_merging_is_idempotent_and_skips_photos_no_longer_pending(tmp_path):
     assert con.execute("SELECT status FROM photos WHERE id = 3").fetchone()[0] == "kept"
     assert merge_shards(con, ws) == 0 and not shard_path(ws, 2).exists()
     con.close()
+
+
+def _failing_worker(rank: int, photos: str, ws: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    from neighbourhoods.core.errors import NeighbourhoodsError
+    try:
+        ingest(photos, ws, res=[(32, 32)], workers=1, progress=False)
+    except NeighbourhoodsError as e:
+        Path(ws + f".rank{rank}").write_text(str(e))
+
+
+def test_an_error_on_rank_0_reaches_every_process_instead_of_a_hang(tmp_path):
+    """Rank 0 finds no photos: the other process gets the same one-line error, not a barrier wait."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              "import torch.multiprocessing as mp; from test_ingest_shards import _failing_worker; "
+              f"mp.spawn(_failing_worker, args=({str(empty)!r}, {str(tmp_path / 'ws')!r}, {port}), nprocs=2)")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        assert "no files found" in (tmp_path / f"ws.rank{rank}").read_text()
