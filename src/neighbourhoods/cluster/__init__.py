@@ -17,7 +17,6 @@ with `auto="exteriors"`.
 
 from __future__ import annotations
 
-import contextlib
 import html
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -243,14 +242,7 @@ def cluster(workspace, config: ClusterConfig | None = None, progress: bool = Tru
     ws = open_workspace(workspace)
     dd = init_distributed(config.device, timeout_s=7 * 24 * 3600)   # shards may take hours
     try:
-        with contextlib.ExitStack() as stack:
-            error = None
-            if dd.main:
-                try:
-                    stack.enter_context(writing_workspace(ws.root, "cluster"))
-                except NeighbourhoodsError as e:
-                    error = str(e)
-            dd.share_error(error)
+        with dd.main_holds(lambda: writing_workspace(ws.root, "cluster")):
             return _cluster_locked(workspace, config, progress, on_chunk, dd)
     finally:
         dd.close()

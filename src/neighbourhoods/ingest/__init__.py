@@ -19,7 +19,6 @@ Same inputs, same settings: byte-identical catalog and arrays, interrupted or no
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -466,15 +465,7 @@ def ingest(photos, workspace, labels=None, file_column: str = "file", label_colu
     table = read_labels(labels, file_column, label_column, key_column, key_pattern)   # bad labels: before any write
     dd = init_distributed("cpu", timeout_s=7 * 24 * 3600)   # decoding a share may take hours
     try:
-        with contextlib.ExitStack() as stack:
-            error = None
-            if dd.main:
-                try:
-                    ws = open_workspace(workspace, create=True)
-                    stack.enter_context(writing_workspace(ws.root, "ingest"))
-                except NeighbourhoodsError as e:
-                    error = str(e)
-            dd.share_error(error)
+        with dd.main_holds(lambda: writing_workspace(open_workspace(workspace, create=True).root, "ingest")):
             return _ingest_locked(photos, workspace, labels, table, res, fit, min_side, max_pixels,
                                   holdout, holdout_min, near_duplicate_distance, workers, progress, dd)
     finally:

@@ -7,9 +7,11 @@ WORLD_SIZE/RANK/LOCAL_RANK and each process joins the group (gloo on CPU, nccl o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -32,15 +34,22 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
-    def share_error(self, error: str | None) -> None:
-        """Rank 0's error (or None) reaches every process, which all raise it: a refusal on rank 0
-        (a busy workspace, say) must not leave the others waiting at the next barrier."""
-        if self.world > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise NeighbourhoodsError(error)
+    @contextlib.contextmanager
+    def main_holds(self, enter: Callable[[], contextlib.AbstractContextManager]):
+        """Rank 0 alone enters `enter()` (the workspace lock) on behalf of every process; a refusal
+        there (a busy workspace, say) reaches every process, which all raise it, instead of
+        leaving the others waiting at the next barrier."""
+        with contextlib.ExitStack() as stack:
+            error = None
+            if self.main:
+                try:
+                    stack.enter_context(enter())
+                except NeighbourhoodsError as e:
+                    error = str(e)
+            error = self.send(error)
+            if error:
+                raise NeighbourhoodsError(error)
+            yield
 
     def send(self, obj):
         """Rank 0's `obj` to every process (pickled; rank 0 passes the object, the others None)."""
