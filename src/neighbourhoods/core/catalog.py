@@ -121,12 +121,12 @@ def damaged_error(path, e: BaseException) -> NeighbourhoodsError:
 def read_meta(path: str | Path, key: str) -> str | None:
     """One value of a catalog's meta table, read-only; None where the catalog or key is missing."""
     try:
-        con = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=60)
+        con = connect_readonly(path)   # also on a read-only file system
         try:
             row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         finally:
             con.close()
-    except sqlite3.Error:
+    except (sqlite3.Error, NeighbourhoodsError):
         return None
     return row[0] if row else None
 

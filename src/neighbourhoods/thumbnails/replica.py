@@ -24,6 +24,7 @@ from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.images import resize_bicubic
 from neighbourhoods.core.latents import latents
+from neighbourhoods.core.similarity import nearest
 from neighbourhoods.thumbnails.guard import Guard
 from neighbourhoods.thumbnails.source import SAMPLE_BATCH, Source
 from neighbourhoods.thumbnails.upscalers import SRUpscaler, get_upscaler
@@ -80,10 +81,9 @@ def load_replica_source(path, threads: int = 1) -> Source:
 
 
 def guard_features(session, images: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x 3 -> unit float32 N x 1280, by the eager guard's preprocessing."""
+    """uint8 N x H x W x 3 -> float32 N x 1280, by the eager guard's preprocessing."""
     x = resize_bicubic(np.asarray(images), GUARD_HW).transpose(0, 3, 1, 2) / np.float32(255)
-    feats = session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
-    return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def load_replica_guard(path, max_attempts: int = 8) -> Guard:
@@ -95,13 +95,11 @@ def load_replica_guard(path, max_attempts: int = 8) -> Guard:
                                   "again from a workspace with held-out photos, or serve with --no-novelty-guard")
     session = _session(net)
     with np.load(index, allow_pickle=False) as z:
-        train = z["features"].astype(np.float32)
+        train = z["features"].astype(np.float32)   # unit rows, as the eager index holds them
         threshold = float(z["threshold"])
-    block = max(1, min(1024, (64 << 20) // (4 * max(len(train), 1))))
 
     def similarity(images: np.ndarray) -> np.ndarray:
-        q = guard_features(session, images)
-        return np.concatenate([(q[i:i + block] @ train.T).max(axis=1) for i in range(0, len(q), block)])
+        return nearest(train, guard_features(session, images))[0]
 
     return Guard(similarity=similarity, threshold=threshold, max_attempts=max_attempts,
                  label=f"novelty guard (onnx): {meta['guard']['space']} features, {len(train)} training photos, "
