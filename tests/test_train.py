@@ -118,7 +118,12 @@ def test_model_trains_and_its_loss_moves(toy_ws, model, res):
     assert max(losses_d) - min(losses_d) > 1e-3 and max(losses_g) - min(losses_g) > 1e-3
     first = load_file(str(run / "checkpoints" / "0000000000" / "G.safetensors"))
     final = weights(run)
-    assert all(not torch.equal(first[k], final[k]) for k in final if k.endswith("weight"))
+    # every weight moved, but the city's gains of the base map's BatchNorm: the default model keeps
+    # the city out of it (g_cond_from 1), so they see a zero embedding (the layout of the weights
+    # stays that of g_cond_from 0, which runs written before the option have)
+    unused = {"fc_norm.gain.weight", "fc_norm.bias.weight"} if model == "projected" else set()
+    assert all(not torch.equal(first[k], final[k]) for k in final if k.endswith("weight") and k not in unused)
+    assert all(torch.equal(first[k], final[k]) for k in unused)
     gen = runs.load_generator(run)                       # and what it saved samples at its resolution
     assert runs.sample(gen, [0, 1], [0, 1]).shape == (2, *res, 3)
 
@@ -506,6 +511,66 @@ def test_mode_seeking_term_alone_makes_one_citys_samples_differ_more():
         loss.backward()
         opt.step()
     assert spread() > 1.5 * before
+
+
+def test_structure_space_ignores_exposure_and_sees_layout():
+    g = torch.Generator().manual_seed(3)
+    house = torch.nn.functional.interpolate(torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, scale_factor=4)   # blocks
+    brighter = (house * 0.8 + 0.1) * torch.tensor([1.0, 0.95, 0.9])[None, :, None, None]   # exposure, white balance
+    mirrored = house.flip(-1)                                                            # the same blocks, moved
+    z = torch.randn(4, 8, generator=g)
+    # as pixels, the brighter copy is a different image (cheap to buy); as structure, the same one
+    exposure_px = train_loss.mode_seeking_loss(torch.cat([house, brighter]), z)
+    exposure_st = train_loss.mode_seeking_loss(torch.cat([house, brighter]), z, "structure")
+    layout_st = train_loss.mode_seeking_loss(torch.cat([house, mirrored]), z, "structure")
+    assert exposure_st > 5 * exposure_px and exposure_st > 20 * layout_st
+
+
+def test_mode_seeking_space_is_a_run_field_checked_in_one_line(toy_ws):
+    assert train_mod.resolve_config(TrainConfig()).mode_seeking_space in ("pixels", "structure")
+    with pytest.raises(NeighbourhoodsError, match="mode-seeking-space"):
+        train_mod.resolve_config(TrainConfig(mode_seeking_space="votes"))
+    run = train(toy_ws, tiny("projected", run="ms-structure", kimg=0.016, mode_seeking_space="structure"))
+    assert json.loads((run / "config.json").read_text())["mode_seeking_space"] == "structure"
+    train(toy_ws, tiny("projected", run="ms-structure", kimg=0.032, resume=True))   # the run's value, not the default
+    assert json.loads((run / "config.json").read_text())["mode_seeking_space"] == "structure"
+
+
+def test_g_cond_from_keeps_the_city_out_of_the_early_levels():
+    from neighbourhoods.models import build_generator
+    torch.manual_seed(0)
+    G = build_generator("projected", 3, (32, 32), g_cond_from=2, **TINY["projected"]).eval()
+    with torch.no_grad():   # the city's embeddings and BN gains nonzero, as after training
+        for name, prm in G.named_parameters():
+            if "embed" in name or ".gain." in name or ".bias." in name:
+                prm.normal_(0, 0.5)
+    levels = []
+    hooks = [b.register_forward_hook(lambda m, i, o: levels.append(o)) for b in G.blocks]
+    z = torch.randn(1, G.z_dim).expand(2, -1)
+    with torch.no_grad():
+        out = G(z, torch.tensor([0, 2]))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(levels[0][0], levels[0][1])           # level 1: the same for both cities
+    assert not torch.allclose(levels[1][0], levels[1][1])    # level 2 on: the city styles it
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_a_new_run_writes_the_recipes_builder_arguments_and_an_old_run_keeps_its_own(toy_ws):
+    run = train(toy_ws, tiny("projected", run="cond-from", kimg=0.016))
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_kwargs"]["g_cond_from"] == 1 and config["model_args"]["kwargs"]["g_cond_from"] == 1
+    # a run from before the option: its config.json has no g_cond_from, and it resumes as it was built
+    for block in (config["model_kwargs"], config["model_args"]["kwargs"]):
+        del block["g_cond_from"]
+    (run / "config.json").write_text(json.dumps(config))
+    result = train_mod.train_models(toy_ws, tiny("projected", run="cond-from", kimg=0.032, resume=True))
+    assert result.G.cond_from == 0
+    assert "g_cond_from" not in json.loads((run / "config.json").read_text())["model_kwargs"]
+    assert runs.load_generator(run).model.cond_from == 0
+    # the caller's value wins over the recipe's
+    run = train(toy_ws, tiny("projected", run="cond-from-2", kimg=0.016, model_kwargs={**TINY["projected"], "g_cond_from": 2}))
+    assert json.loads((run / "config.json").read_text())["model_kwargs"]["g_cond_from"] == 2
 
 
 def test_default_model_trains_with_mode_seeking_and_dcgan_without(toy_ws):

@@ -56,7 +56,9 @@ TRAIN_DEFAULTS = {
     "betas": (0.0, 0.99),    # beta1 0: no momentum, the usual choice for hinge/projected GANs
     "ema_kimg": 10.0,        # with train's ema_rampup 0.05 the EMA is short early, long later
     "mirror": True,          # house fronts read the same mirrored: twice the data for free
-    "mode_seeking": 0.3,     # MSGAN term: without it every seed of a city drew the same house (docs/model.md)
+    "mode_seeking": 0.5,     # MSGAN term: without it every seed of a city drew the same house (docs/model.md)
+    "mode_seeking_space": "structure",   # ...measured on layout, not exposure: pixels bought lighting, not houses
+    "model_kwargs": {"g_cond_from": 1},  # no city in G's base map: z lays the house out, the city styles it
     "any_city_p": 0.0,       # untested beyond a smoke run; the (any city) class gets the small cities only
     "batch": 32,             # at CPU budgets (~10-30k images) twice the updates of 64 matter more than smoother gradients
 }
@@ -199,9 +201,15 @@ class Generator(nn.Module):
 
     def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
                  max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True,
-                 instances: int = 0, instance_dim: int = 64):
+                 instances: int = 0, instance_dim: int = 64, cond_from: int = 0):
         super().__init__()
         self.z_dim = z_dim
+        # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
+        # below it G is unconditional, so the house's layout comes from z alone and the city
+        # styles it (the "weaker class signal early" ablation of docs/model.md). Levels below
+        # see a zero embedding rather than losing their city weights, so every setting (and every
+        # run written before the option) has one layout of weights and one exported graph.
+        self.cond_from = cond_from
         self.num_classes = num_classes
         self.instances = InstanceBank(num_classes, instances, instance_dim, z_dim) if instances else None
         self.instance_fc = nn.Linear(instance_dim, embed_dim) if instances else None
@@ -234,12 +242,14 @@ class Generator(nn.Module):
             rows = self.instances.pick(z, labels) if instances is None else instances
             e = e + self.instance_fc(self.instances.features[rows])
         e = e * self.cond_scale
+        none = torch.zeros_like(e)
+        e0 = e if self.cond_from <= 0 else none
         # the channel count spelled out (not -1): an exported graph (ONNX) must know BatchNorm's width
-        x = self.fc(torch.cat([z, e], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
-        x = F.glu(self.fc_norm(x, e), dim=1)
+        x = self.fc(torch.cat([z, e0], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
+        x = F.glu(self.fc_norm(x, e0), dim=1)
         feats = [x]
         for i, block in enumerate(self.blocks):
-            x = block(x, e)
+            x = block(x, e if i + 1 >= self.cond_from else none)
             level = str(i + 1)
             if level in self.sle:
                 x = self.sle[level](x, feats[i - 1])
@@ -358,11 +368,12 @@ class ProjectedDiscriminator(nn.Module):
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
           g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
           g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
-          instance_dim: int = 64) -> tuple[Generator, ProjectedDiscriminator]:
+          instance_dim: int = 64, g_cond_from: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `instances` > 0:
     instance-conditioned, with a bank of that many `instance_dim` features in G."""
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
-                        g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim)
+                        g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim,
+                        g_cond_from=g_cond_from)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
                                batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0)
     return G, D
@@ -371,10 +382,10 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
 def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
                     g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
                     g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
-                    instance_dim: int = 64) -> Generator:
+                    instance_dim: int = 64, g_cond_from: int = 0) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
-                     cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim)
+                     cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim, cond_from=g_cond_from)
 
 
 @torch.no_grad()

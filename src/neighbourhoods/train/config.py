@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from neighbourhoods import models
@@ -67,6 +67,10 @@ class TrainConfig:
                                   "which also serves unknown cities")
     mode_seeking: float | None = option(None, "weight of the mode-seeking (MSGAN) term that keeps one city's samples "
                                         "diverse; 0 = off (default: the model's recipe, else 0)")
+    mode_seeking_space: str | None = option(None, "what the mode-seeking term measures: pixels, or structure (the "
+                                            "image at 1/4 size with each channel standardised per image, so "
+                                            "exposure and sky colour do not count) (default: the model's recipe, "
+                                            "else pixels)", choices=["pixels", "structure"])
     cond_start_kimg: float | None = option(None, "transitional conditioning: train unconditionally (no city signal "
                                            "in G or D) for this many thousand images (default: the model's recipe, "
                                            "else 0)")
@@ -107,14 +111,14 @@ class TrainConfig:
 
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
-              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "cond_start_kimg",
-              "cond_full_kimg", "instance_k", "model_kwargs", "grid_rows", "grid_seeds")
+              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
+              "cond_start_kimg", "cond_full_kimg", "instance_k", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
-            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0,
-            "instance_k": 0}
+            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0,
+            "cond_full_kimg": 0.0, "instance_k": 0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0}
+LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -150,6 +154,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
     if cfg.mode_seeking < 0:
         raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
+    if cfg.mode_seeking_space not in ("pixels", "structure"):
+        raise NeighbourhoodsError(f"unknown --mode-seeking-space {cfg.mode_seeking_space!r}: use pixels or structure")
     if cfg.cond_start_kimg < 0 or cfg.cond_full_kimg < 0:
         raise NeighbourhoodsError("--cond-start-kimg and --cond-full-kimg must be >= 0")
     if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
@@ -180,7 +186,10 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
         if (run_dir / "config.json").is_file():
             raise NeighbourhoodsError(f"run {name!r} already exists in {ws.runs_dir}: pass --resume to continue it, "
                                       "or --run NEW_NAME to start another")
-        cfg = resolve_config(config)
+        # a new run takes the recipe's builder arguments under the caller's, written out in full with
+        # the run: a later change of the recipe never changes how an existing run's weights are read
+        kwargs = {**models.recipe(config.model).get("model_kwargs", {}), **(config.model_kwargs or {})}
+        cfg = resolve_config(replace(config, model_kwargs=kwargs))
         cfg.run = name
         return run_dir, cfg, []
     if not (run_dir / "config.json").is_file():

@@ -111,7 +111,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
-    loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking)
+    loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space)
     state = TrainState()
 
     # Resume from the latest checkpoint, if asked and there is one.

@@ -49,16 +49,29 @@ def pair_labels(labels: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def structure(x: torch.Tensor) -> torch.Tensor:
+    """What a house's layout is made of, without its exposure: the image at a quarter of its
+    size (shapes, not texture), each channel standardised per image (mean 0, std 1), so a
+    brighter or bluer copy of one house is the same structure."""
+    x = F.avg_pool2d(x.float(), 4)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True)
+    return (x - mean) / (std + 0.05)
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels") -> torch.Tensor:
     """MSGAN (Mao et al., CVPR 2019): penalise fakes that differ less than their latents do.
 
     Pairs fake i with fake i + N/2 (same city, see pair_labels); the term is the mean over
     pairs of 1 / (mean |x1 - x2| / mean |z1 - z2|), large when two latents give one image.
+    space "structure": the distance between the pair's `structure` maps, so G cannot buy it
+    with exposure or sky colour alone (which pixel distance rewards) and must vary the layout.
     """
     half = fake.shape[0] // 2
     if half == 0:
         return fake.new_zeros(())
-    dx = (fake[:half].float() - fake[half:2 * half].float()).abs().flatten(1).mean(1)
+    x = structure(fake) if space == "structure" else fake.float()
+    dx = (x[:half] - x[half:2 * half]).abs().flatten(1).mean(1)
     dz = (z[:half].float() - z[half:2 * half].float()).abs().mean(1)
     return (1.0 / (dx / dz + 1e-5)).mean()
 
@@ -69,6 +82,7 @@ class GANLoss:
     kind: str               # "bce" (non-saturating) or "hinge"
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
+    mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels or structure
 
     def aug(self, x: torch.Tensor) -> torch.Tensor:
         return diffaugment(x, self.augment) if self.augment else x
@@ -89,5 +103,5 @@ class GANLoss:
                   fake_cond: dict | None = None) -> torch.Tensor:
         loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})))
         if self.mode_seeking:
-            loss = loss + self.mode_seeking * mode_seeking_loss(fake, z)
+            loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space)
         return loss
