@@ -38,6 +38,10 @@ def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, fla
     return field(default=default, metadata=meta)
 
 
+# What the mode-seeking term can measure distance in (train/loss.py: mode_seeking_loss).
+MS_SPACES = ("pixels", "structure")
+
+
 @dataclass
 class TrainConfig:
     model: str = option("projected", "registered model: projected (the default) or dcgan (the baseline)")
@@ -70,7 +74,7 @@ class TrainConfig:
     mode_seeking_space: str | None = option(None, "what the mode-seeking term measures: pixels, or structure (the "
                                             "image at 1/4 size with each channel standardised per image, so "
                                             "exposure and sky colour do not count) (default: the model's recipe, "
-                                            "else pixels)", choices=["pixels", "structure"])
+                                            "else pixels)", choices=list(MS_SPACES))
     cond_start_kimg: float | None = option(None, "transitional conditioning: train unconditionally (no city signal "
                                            "in G or D) for this many thousand images (default: the model's recipe, "
                                            "else 0)")
@@ -154,8 +158,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
     if cfg.mode_seeking < 0:
         raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
-    if cfg.mode_seeking_space not in ("pixels", "structure"):
-        raise NeighbourhoodsError(f"unknown --mode-seeking-space {cfg.mode_seeking_space!r}: use pixels or structure")
+    if cfg.mode_seeking_space not in MS_SPACES:
+        raise NeighbourhoodsError(f"unknown --mode-seeking-space {cfg.mode_seeking_space!r}: use "
+                                  + " or ".join(MS_SPACES))
     if cfg.cond_start_kimg < 0 or cfg.cond_full_kimg < 0:
         raise NeighbourhoodsError("--cond-start-kimg and --cond-full-kimg must be >= 0")
     if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
