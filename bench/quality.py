@@ -6,6 +6,7 @@
     python bench/quality.py --seed 1 --workspace WS --out bench/results/quality-seed1.json   # another seed
     python bench/quality.py --models projected --tag tc --train-option cond_full_kimg=20   # an option A/B
     python bench/quality.py --models projected --res 64x64,96x128 --served 128x96 --minutes 30   # the website's size
+    python bench/quality.py --models projected --res 96x128 --served 128x96 --minutes 30 --grow 12   # grown by an octave
 
 On ../shared/data/socal (real SoCal listing exteriors with their cities):
 1. ingest into a fresh workspace (or --workspace, reused if already ingested) with a fixed
@@ -25,6 +26,8 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    serve's path at that size (the workspace's upscaler, crop to fill, JPEG), against the held-out
    photos read from their files and cropped to that size (neighbourhoods.evaluate's helpers);
    with several --res, every model trains at each (same budget each) and all meet at that size;
+   with --grow M, each run first trains M minutes of its budget at half the resolution and is
+   then grown by an octave (train --grow-from) for the rest: one budget, counted over both;
 4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
    JSON to --out (default bench/results/quality.json), and print a summary.
 Each model is scored in a child process while the next one trains (scoring 2,000 images through
@@ -44,6 +47,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +159,12 @@ def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], 
             "within_city_diversity": float(np.mean([c["diversity"] for c in cities])) if cities else None}
 
 
+def train_seconds(run_dir: Path, t0: float) -> float:
+    """Training time of a run, from its metrics.jsonl (else the wall clock since t0)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return lines[-1]["time_s"] if lines and "time_s" in lines[-1] else time.time() - t0
+
+
 def _score_to_file(out: Path, *args) -> None:
     """score_run in a child process (so scoring one model can overlap training the next)."""
     torch.set_num_threads(1)
@@ -180,14 +190,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--train-option", action="append", default=[], metavar="FIELD=JSON",
                    help="a TrainConfig field for every model, e.g. cond_full_kimg=20 (repeatable)")
+    p.add_argument("--grow", type=float, default=None, metavar="MINUTES",
+                   help="train this many minutes of each budget at half the resolution, then grow the run by an "
+                        "octave for the rest")
+    p.add_argument("--grow-native", action="store_true",
+                   help="with --grow: lay the half-size run out as the lower levels of the native G "
+                        "(g_grow_octaves 1), so the grown G has the native layout; default: grow the default "
+                        "half-size G (slimmer)")
     p.add_argument("--tag", default="", help="suffix of the run names, to compare options in one workspace")
     args = p.parse_args(argv)
     if not (args.data / "listings.csv").is_file():
         raise SystemExit(f"{args.data} has no listings.csv: pass --data .../shared/data/socal")
 
+    if args.grow is not None and not 0 < args.grow < args.minutes:
+        raise SystemExit("--grow must be between 0 and --minutes")
     ws_root = args.workspace or Path(tempfile.mkdtemp(prefix="neighbourhoods-quality-"))
     for res in args.res:
         ws = prepare_workspace(args.data, ws_root, res)
+        if args.grow is not None:
+            prepare_workspace(args.data, ws_root, (res[0] // 2, res[1] // 2))
     first = args.res[0]
     holdout = load_split(ws, first, "holdout")
     train_split = load_split(ws, first, "train")
@@ -210,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
               "served": args.served.name if args.served else None,
               "minutes_per_model": args.minutes, "train_photos": len(train_split), "holdout_photos": len(holdout),
               "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "seed": args.seed, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+              "grow_minutes": args.grow, "grow_native": args.grow_native, "threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "device": args.device, "load_average_start": os.getloadavg(), "models": {},
               "note": "each model's scoring runs in a child process while the next model trains "
                       "(on a CPU this slows the later models' training a little: conservative for them)"}
@@ -223,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     scorers = []
     for res, model in [(r, m) for r in args.res for m in args.models.split(",")]:
         key = model if len(args.res) == 1 else f"{model}-{res_name(res)}"
-        run_name = (f"quality-{model}-{res_name(res)}" + (f"-seed{args.seed}" if args.seed else "")
+        grow = "" if args.grow is None else f"-grow{args.grow:g}" + ("n" if args.grow_native else "")
+        run_name = (f"quality-{model}-{res_name(res)}" + (f"-seed{args.seed}" if args.seed else "") + grow
                     + (f"-{args.tag}" if args.tag else ""))
         config = TrainConfig(model=model, res=res, run=run_name, seed=args.seed,
                              kimg=None, minutes=args.minutes, device=args.device,
@@ -231,9 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
                              # pytorch's DCGAN example); --batch overrides for all
                              batch=args.batch, **options)
         t0 = time.time()
+        grown_from = None
+        if args.grow is not None:   # the first minutes at half the size, then one octave up
+            half_kwargs = {**config.model_kwargs, **({"g_grow_octaves": 1} if args.grow_native else {})}
+            grown_from = train(ws, replace(config, res=(res[0] // 2, res[1] // 2), run=run_name + "-half",
+                                           minutes=args.grow, model_kwargs=half_kwargs))
+            config = replace(config, grow_from=grown_from.name, minutes=args.minutes - args.grow)
         run_dir = train(ws, config)
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        train_s = lines[-1]["time_s"] if lines and "time_s" in lines[-1] else time.time() - t0
+        train_s = train_seconds(run_dir, t0)
         progress = sorted(str(p) for p in (run_dir / "samples").glob("progress-*.png"))
         images_seen = runs.latest_checkpoint(run_dir)[1]
         result["models"][key] = {
@@ -241,6 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
             "images_seen": images_seen, "images_per_s": images_seen / max(train_s, 1e-9),
             "batch": json.loads((run_dir / "config.json").read_text())["batch"], "progress_grid": progress[-1] if progress else None,
             "load_average_after_training": os.getloadavg()}
+        if grown_from is not None:
+            half_s, half_images = train_seconds(grown_from, t0), runs.latest_checkpoint(grown_from)[1]
+            result["models"][key]["grown_from"] = {"run": str(grown_from), "train_s": half_s, "images_seen": half_images,
+                                                   "images_per_s": half_images / max(half_s, 1e-9)}
+            result["models"][key]["train_s_both"] = half_s + train_s
         print(f"{model}: {images_seen} images in {train_s:.0f} s ({images_seen / max(train_s, 1e-9):.1f} img/s)",
               flush=True)
         out = run_dir / "bench-score.json"

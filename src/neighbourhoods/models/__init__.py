@@ -17,6 +17,8 @@ A model module may define, beside `build`:
     INSTANCE_CONDITIONING = True        build takes instances=N, instance_dim=d; G holds the bank
                                         (G.instances), G(z, labels, instances=rows), D(x, labels,
                                         instances=features); instance_features(uint8 NCHW) -> N x F
+    grown_kwargs(res, kwargs) -> kwargs G's builder arguments at 2 x res, grown from a run at res
+    load_grown(G, state_dict)           load that run's G weights into the grown G (train/grow.py)
     MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
                                         base sides 3..MAX_BASE_SIDE (None: no upper bound)
 """
@@ -96,6 +98,21 @@ def supports_cond_scale(model_name: str) -> bool:
 def supports_instances(model_name: str) -> bool:
     """Whether the model takes instance conditioning (IC-GAN): see train/instances.py."""
     return bool(getattr(_module(model_name), "INSTANCE_CONDITIONING", False))
+
+
+def supports_growing(model_name: str) -> bool:
+    """Whether a run of the model can be grown by an octave (train --grow-from)."""
+    return hasattr(_module(model_name), "grown_kwargs")
+
+
+def grown_kwargs(model_name: str, res: tuple[int, int], kwargs: dict) -> dict:
+    """Builder arguments of the model's G at twice `res`, grown from a run at `res` with `kwargs`."""
+    return _module(model_name).grown_kwargs(tuple(res), dict(kwargs))
+
+
+def load_grown(model_name: str, G: nn.Module, state: dict) -> None:
+    """Load a smaller run's G state dict into the G `grown_kwargs` builds; ValueError if it does not fit."""
+    _module(model_name).load_grown(G, state)
 
 
 def instance_features(model_name: str, images):

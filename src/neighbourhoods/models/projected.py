@@ -19,6 +19,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
 - Optional instance conditioning (IC-GAN; `--instance-k`, off by default: measured no gain at
   CPU budgets, docs/model.md): G holds a bank of the training photos' features (InstanceBank)
   and draws "a house like this one"; D's projection adds the instance feature's term.
+- Growing by an octave (train --grow-from, train/grow.py): `grown_kwargs` spells out a G one
+  level taller than a trained run's (its layout plus one top block), `load_grown` loads that
+  run's weights below it, and G's `fade` buffer blends the old image into the new block's.
 - Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
   octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
 
@@ -201,7 +204,9 @@ class Generator(nn.Module):
 
     def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
                  max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True,
-                 instances: int = 0, instance_dim: int = 64, cond_from: int = 0):
+                 instances: int = 0, instance_dim: int = 64, cond_from: int = 0,
+                 channels: list[int] | None = None, convs: list[int] | None = None, grown: bool = False,
+                 grow_octaves: int = 0):
         super().__init__()
         self.z_dim = z_dim
         # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
@@ -215,21 +220,36 @@ class Generator(nn.Module):
         self.instance_fc = nn.Linear(instance_dim, embed_dim) if instances else None
         self.res = tuple(res)
         levels, self.base = Resolution.parse(res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
-        # Channels halve per octave from the output up: cheap high-res layers, wide low-res ones.
-        ch = [min(max_channels, min_channels * 2 ** (levels - i)) for i in range(levels + 1)]
+        # Channels halve per octave from the output up: cheap high-res layers, wide low-res ones;
+        # two convs per block at low resolution (cheap there), one at the top two octaves. A grown
+        # run (train/grow.py) spells both out: its smaller run's layout plus one top block. A G
+        # meant to be grown by `grow_octaves` is laid out as the lower levels of that larger G,
+        # so growing it ends in exactly the native layout of the larger resolution.
+        full = levels + grow_octaves
+        ch = list(channels) if channels else [min(max_channels, min_channels * 2 ** (full - i))
+                                              for i in range(levels + 1)]
+        convs = list(convs) if convs else [2 if i + 1 < full - 1 else 1 for i in range(levels)]
+        if len(ch) != levels + 1 or len(convs) != levels:
+            raise ValueError(f"{levels} levels need {levels + 1} channel counts and {levels} conv counts "
+                             f"(got {len(ch)} and {len(convs)})")
         self.channels = ch
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.fc = nn.Linear(z_dim + embed_dim, 2 * ch[0] * self.base[0] * self.base[1], bias=False)
         self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim, conditional=cond_bn)
         self.fc_norm_channels = 2 * ch[0]
-        # Two convs per block at low resolution (cheap there), one at the top two octaves.
         self.blocks = nn.ModuleList(
-            UpBlock(ch[i], ch[i + 1], embed_dim, convs=2 if i + 1 < levels - 1 else 1,
+            UpBlock(ch[i], ch[i + 1], embed_dim, convs=convs[i],
                     size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)), cond_bn=cond_bn)
             for i in range(levels))
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
         self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2]) for i in range(1, levels - 1)})
         self.to_rgb = nn.Conv2d(ch[-1], 3, 3, padding=1)
+        # A grown G keeps its smaller run's to_rgb one level down and fades from its (nearest-
+        # upsampled) image to the new top block's: `fade` 0 -> 1 over training, a buffer so every
+        # loader and export samples at the strength the checkpoint trained at (progressive GANs).
+        self.to_rgb_prev = nn.Conv2d(ch[-2], 3, 3, padding=1) if grown else None
+        if grown:
+            self.register_buffer("fade", torch.ones(()))
         # Strength of the city signal (transitional conditioning, Shahbazi et al. 2022): training
         # may fade it in from 0 (unconditional); a plain attribute the loop and loaders set, not a weight.
         self.cond_scale = 1.0
@@ -254,7 +274,11 @@ class Generator(nn.Module):
             if level in self.sle:
                 x = self.sle[level](x, feats[i - 1])
             feats.append(x)
-        return torch.tanh(self.to_rgb(x))
+        rgb = self.to_rgb(x)
+        if self.to_rgb_prev is not None:
+            prev = F.interpolate(self.to_rgb_prev(feats[-2]), scale_factor=2.0, mode="nearest")
+            rgb = torch.lerp(prev, rgb, self.fade.to(rgb.dtype))
+        return torch.tanh(rgb)
 
 
 # --- discriminator --------------------------------------------------------------------------
@@ -368,12 +392,15 @@ class ProjectedDiscriminator(nn.Module):
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
           g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
           g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
-          instance_dim: int = 64, g_cond_from: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
+          instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
+          g_convs: list[int] | None = None, g_grown: bool = False,
+          g_grow_octaves: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `instances` > 0:
     instance-conditioned, with a bank of that many `instance_dim` features in G."""
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
                         g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim,
-                        g_cond_from=g_cond_from)
+                        g_cond_from=g_cond_from, g_channels=g_channels, g_convs=g_convs, g_grown=g_grown,
+                        g_grow_octaves=g_grow_octaves)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
                                batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0)
     return G, D
@@ -382,10 +409,46 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
 def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
                     g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
                     g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
-                    instance_dim: int = 64, g_cond_from: int = 0) -> Generator:
+                    instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
+                    g_convs: list[int] | None = None, g_grown: bool = False, g_grow_octaves: int = 0) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
-                     cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim, cond_from=g_cond_from)
+                     cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim, cond_from=g_cond_from,
+                     channels=g_channels, convs=g_convs, grown=g_grown, grow_octaves=g_grow_octaves)
+
+
+# --- growing by an octave (train --grow-from; train/grow.py) --------------------------------------
+def grown_kwargs(res: tuple[int, int], kwargs: dict) -> dict:
+    """The builder arguments of G at twice `res` grown from a run built at `res` with `kwargs`:
+    the smaller G's channels and convs kept level for level, plus one top block of one conv at
+    the top's width halved, not below g_min_channels (the native top). From a default run that
+    is slimmer than the native layout (whose lower levels are twice as wide); from a run built
+    with g_grow_octaves 1 it is the native layout."""
+    small = build_generator(1, res, **kwargs)
+    top = max(small.channels[-1] // 2, int(kwargs.get("g_min_channels", 16)))
+    return {**{k: v for k, v in kwargs.items() if k != "g_grow_octaves"}, "g_channels": [*small.channels, top],
+            "g_convs": [len(b.convs) for b in small.blocks] + [1], "g_grown": True}
+
+
+def load_grown(G: Generator, small: dict[str, torch.Tensor]) -> None:
+    """Load the smaller G's state dict into a grown G: every level kept, its to_rgb becoming
+    to_rgb_prev (the image faded out; a twice-grown run's own to_rgb_prev and fade are dropped).
+    ValueError unless exactly the new top block (block, SLE, to_rgb, fade) is left as built."""
+    state = {}
+    for key, value in small.items():
+        if key.startswith("to_rgb_prev.") or key == "fade":
+            continue
+        state[key.replace("to_rgb.", "to_rgb_prev.", 1) if key.startswith("to_rgb.") else key] = value
+    top = len(G.blocks)
+    new = (f"blocks.{top - 1}.", f"sle.{top}.", "to_rgb.")
+    try:
+        missing, unexpected = G.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    kept = [k for k in missing if not k.startswith(new) and k != "fade"]
+    if unexpected or kept:
+        raise ValueError(f"the weights do not fit one octave below this G (missing {kept[:3]}, "
+                         f"unexpected {unexpected[:3]})")
 
 
 @torch.no_grad()

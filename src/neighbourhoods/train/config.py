@@ -85,6 +85,11 @@ class TrainConfig:
                                     "of one of its k nearest same-city photos, and G draws from that feature, so "
                                     "samples vary as the city's photos do; 0 = off (default: the model's recipe, "
                                     "else 0)")
+    grow_from: str | None = option(None, "start from a trained run at half this resolution (its name or folder; "
+                                   "e.g. a 48x64 run for --res 96x128): its G becomes the lower levels of this "
+                                   "run's, one new top block fades in, D starts afresh", metavar="RUN")
+    grow_fade_kimg: float = option(10.0, "...the new top block's image fades in over this many thousand images "
+                                   "(0 = at once)")
     any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
                                       "every city's mix (default: the model's recipe, else 0)")
     model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
@@ -116,13 +121,15 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "cond_start_kimg", "cond_full_kimg", "instance_k", "model_kwargs", "grid_rows", "grid_seeds")
+              "cond_start_kimg", "cond_full_kimg", "instance_k", "grow_from", "grow_fade_kimg", "model_kwargs",
+              "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0,
             "cond_full_kimg": 0.0, "instance_k": 0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0}
+LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
+          "grow_from": None, "grow_fade_kimg": 10.0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -166,6 +173,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no transitional conditioning: "
                                   "leave --cond-start-kimg and --cond-full-kimg at 0")
+    if cfg.grow_fade_kimg < 0:
+        raise NeighbourhoodsError(f"--grow-fade-kimg must be >= 0 (got {cfg.grow_fade_kimg})")
+    if cfg.grow_from and cfg.instance_k:
+        raise NeighbourhoodsError("--grow-from and --instance-k do not go together: grow a run without instances")
     if cfg.instance_k < 0:
         raise NeighbourhoodsError(f"--instance-k must be >= 0 (got {cfg.instance_k})")
     if cfg.instance_k and not models.supports_instances(cfg.model):
@@ -194,6 +205,10 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
         # a new run takes the recipe's builder arguments under the caller's, written out in full with
         # the run: a later change of the recipe never changes how an existing run's weights are read
         kwargs = {**models.recipe(config.model).get("model_kwargs", {}), **(config.model_kwargs or {})}
+        if config.grow_from:   # G's shape comes from the run it grows (train/grow.py)
+            from neighbourhoods.train.grow import grown_model_kwargs
+            res = models.check_res(config.res, config.model)
+            kwargs = grown_model_kwargs(ws, config.model, res, config.grow_from, kwargs)
         cfg = resolve_config(replace(config, model_kwargs=kwargs))
         cfg.run = name
         return run_dir, cfg, []

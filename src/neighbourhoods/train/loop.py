@@ -39,6 +39,7 @@ from neighbourhoods.models.runs import (
     read_model_args,
     save_checkpoint,
 )
+from neighbourhoods.train import grow
 from neighbourhoods.train.config import TrainConfig, describe, resolve_run, to_json
 from neighbourhoods.train.data import BatchReader, TrainingData, load_training_data
 from neighbourhoods.train.distributed import Dist, autocast_dtype, pick_device
@@ -135,6 +136,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         say(cfg, dd.main, f"resuming {run_dir.name} at {state.images_seen:,} images ({folder.name})")
     elif cfg.resume and any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
         latest_checkpoint(run_dir)   # raises the clear "latest.json is missing" error
+    if fresh and cfg.grow_from:    # a new grown run: the smaller run's G below the new top block
+        source = grow.start_from(nets, ws, cfg, data.class_names)
+        say(cfg, dd.main, f"growing run {source.name} to {cfg.res.name}: its G_ema below a new top block, "
+                          f"faded in over {cfg.grow_fade_kimg:g} kimg; D starts afresh")
 
     # Write the run folder: config first (atomically), then, for a new run, the initial
     # checkpoint, so there is always a good checkpoint to resume or roll back to.
@@ -185,8 +190,9 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 real_cond, fake_cond = {"instances": bank[rows]}, {"instances": bank[fake_rows]}
                 g_cond = {"instances": fake_rows}
 
-            # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in).
-            set_cond_scale(nets, cfg, state.images_seen)
+            # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in)
+            # and, in a grown run, the new top block's image.
+            set_schedules(nets, cfg, state.images_seen)
 
             # Sample fakes for the real photos' cities (in same-city pairs when mode seeking);
             # one G forward serves both updates, as in the reference DCGAN loop.
@@ -322,20 +328,25 @@ def warn_if_below_photos(ws: Workspace, cfg: TrainConfig, dd: Dist) -> None:
     best = Resolution.parse(supported)
     if best.h * best.w >= 4 * cfg.res.h * cfg.res.w:
         say(cfg, dd.main, f"note: training at {cfg.res.name}, but the photos support {best.name} (ingest's photo "
-                          f"size): for the website, ingest and train at --res {best.name}, or thumbnails are "
-                          "this run's samples enlarged")
+                          f"size): for the website, ingest and train at --res {best.name} (or grow this run "
+                          "by an octave later, train --grow-from), or thumbnails are this run's samples enlarged")
 
 
-def set_cond_scale(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
-    """Set G's, G_ema's and D's city-signal strength for this point of the run."""
+def set_schedules(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
+    """Set G's, G_ema's and D's city-signal strength, and a grown G's fade, for this point of
+    the run: pure functions of images_seen, so resume stays exact."""
     if cfg.cond_full_kimg > cfg.cond_start_kimg:
         scale = cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, images_seen)
         nets.G.cond_scale = nets.G_ema.cond_scale = nets.D.cond_scale = scale
+    if cfg.grow_from:
+        fade = cond_scale(0.0, cfg.grow_fade_kimg, images_seen)   # the same linear ramp from 0 to 1
+        for G in (nets.G, nets.G_ema):
+            G.fade.fill_(fade)
 
 
 def calibrate(run: Run, nets: Nets, state: TrainState) -> None:
     """Standing BatchNorm statistics for G_ema before it is saved or sampled (same on every rank)."""
-    set_cond_scale(nets, run.cfg, state.images_seen)
+    set_schedules(nets, run.cfg, state.images_seen)
     if state.bn_calibrated_at != state.images_seen:
         standing_bn_stats(nets.G_ema, run.data.class_weights, run.cfg.bn_stat_images, max(run.batch_local, 64),
                           seed=run.cfg.seed * 7919 + state.images_seen)
