@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import TINY as TINY_MODELS
+from test_train import one_thread  # noqa: F401  (autouse: tiny nets on one thread)
 from toy_run import make_toy_workspace
 
 from neighbourhoods import models
@@ -17,15 +19,7 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models import runs
 from neighbourhoods.train import TrainConfig, train
 
-TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TINY = TINY_MODELS["projected"]
 
 
 @pytest.fixture(scope="module")
