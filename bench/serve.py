@@ -177,9 +177,10 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 48) -> dict:
+def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 48, batch: int = 1) -> dict:
     """Where an uncached thumbnail's time goes, in this process, one thread: ms per image for the
-    generator, the novelty guard, the upscaler and the encoder (median of `n`)."""
+    generator and the novelty guard (called on `batch` samples at once, as the server's
+    micro-batches do), the upscaler and the encoder (median over `n` images)."""
     from PIL import Image
 
     from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
@@ -191,9 +192,11 @@ def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 
     source, guard, upscaler = load_pipeline(ws, run, novelty=novelty, progress=False)
     w, h = (int(v) for v in size.split("x"))
     parts: dict[str, list[float]] = {"generator": [], "guard": [], "upscale": [], "encode": []}
-    for k in range(n + 4):
+    rounds = max(1, n // batch)
+    for k in range(rounds + 2):
+        seeds = [50_000_000 + k * batch + j for j in range(batch)]
         t0 = time.perf_counter()
-        img = source.sample([k % len(source.class_names)], [50_000_000 + k])
+        img = source.sample([s % len(source.class_names) for s in seeds], seeds)
         t1 = time.perf_counter()
         if guard is not None:
             guard.similarity(img)
@@ -202,12 +205,12 @@ def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 
         t3 = time.perf_counter()
         encode(big, fmt)
         t4 = time.perf_counter()
-        if k >= 4:   # warm-up
-            for key, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        if k >= 2:   # warm-up
+            for key, dt in zip(parts, ((t1 - t0) / batch, (t2 - t1) / batch, t3 - t2, t4 - t3)):
                 parts[key].append(1000 * dt)
     out = {f"{key}_ms": round(float(np.median(v)), 2) for key, v in parts.items()}
     out["total_ms"] = round(sum(out.values()), 2)
-    out["upscale"], out["load_average_1min"] = upscaler.name, os.getloadavg()[0]
+    out["batch"], out["upscale"], out["load_average_1min"] = batch, upscaler.name, os.getloadavg()[0]
     return out
 
 
@@ -221,6 +224,7 @@ def main() -> None:
     ap.add_argument("--size", default="256x192")
     ap.add_argument("--format", default="jpg")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
+    ap.add_argument("--generator-workers", type=int, default=2, help="the server's generator calls at once")
     ap.add_argument("--no-novelty-guard", action="store_true")
     ap.add_argument("--profile", action="store_true", help="first time one uncached thumbnail's parts in-process")
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
@@ -237,12 +241,14 @@ def main() -> None:
         ws, run = _toy_run(Path(tmp.name))
     profile = None
     if args.profile:
-        profile = profile_uncached(ws, run, args.size, args.format, not args.no_novelty_guard)
+        profile = {f"batch_{b}": profile_uncached(ws, run, args.size, args.format, not args.no_novelty_guard, batch=b)
+                   for b in (1, 8)}
         print("profile ", json.dumps(profile), flush=True)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "neighbourhoods", "serve", "--run", run, "--port", str(port),
-           "--threads", str(args.threads)] + (["--workspace", str(ws)] if ws else [])
+           "--threads", str(args.threads), "--generator-workers", str(args.generator_workers)]
+    cmd += ["--workspace", str(ws)] if ws else []
     if args.no_novelty_guard:
         cmd.append("--no-novelty-guard")
     env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -302,6 +308,7 @@ def main() -> None:
               "client": args.client, "startup_s": startup_s, "profile_uncached": profile, "server_peak_rss_mb": peak_rss,
               "server_rss_mb_after": health_after.get("rss_mb"),
               "size": args.size, "format": args.format, "server_threads": args.threads,
+              "generator_workers": args.generator_workers, "load_average_end": os.getloadavg(),
               "novelty_guard": not args.no_novelty_guard, "model": health,
               "warmup": {"urls": len(warm), "seconds": warm_s, "sequential_ms_per_uncached": 1000 * warm_s / len(warm)},
               "cached": cached, "uncached": uncached,

@@ -35,7 +35,9 @@ def _worker(rank: int, ws: str, out: str, port: int) -> None:
     result = train_models(ws, config)
     for name in ("G", "D", "G_ema"):
         module = getattr(result, name)
-        save_file({k: v.detach().contiguous() for k, v in module.named_parameters()},
+        # the whole state: parameters and buffers (BatchNorm's running statistics drift per rank
+        # unless the loop re-broadcasts rank 0's; a sampled or exported G reads them)
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
                   str(Path(out) / f"{name}-rank{rank}.safetensors"))
     (Path(out) / f"images-rank{rank}.txt").write_text(str(result.images_seen))
 
@@ -47,6 +49,7 @@ def test_two_processes_stay_in_sync(tmp_path):
         a = load_file(str(tmp_path / f"{name}-rank0.safetensors"))
         b = load_file(str(tmp_path / f"{name}-rank1.safetensors"))
         assert a.keys() == b.keys()
+        assert any("running_mean" in key for key in a)         # the BatchNorm buffers are compared too
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}.{key} differs between ranks"
     assert (tmp_path / "images-rank0.txt").read_text() == (tmp_path / "images-rank1.txt").read_text() == "24"

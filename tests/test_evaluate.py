@@ -29,7 +29,7 @@ def evaluation(toy):
 
 @pytest.fixture(scope="module")
 def spaces():
-    return {name: load_space(name) for name in ("inception", "efficientnet")}
+    return {name: load_space(name) for name in ("inception", "efficientnet", "efficientnet-native")}
 
 
 # --- the evaluation -----------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def test_memorisation_rate_counts_samples_above_the_threshold():
     assert novelty.memorisation_threshold(np.linspace(0, 1, 101), 99.0) == pytest.approx(0.99)
 
 
-@pytest.mark.parametrize("space", ["inception", "efficientnet"])
+@pytest.mark.parametrize("space", ["inception", "efficientnet", "efficientnet-native"])
 def test_memorisation_rate_flags_copies_of_training_photos(toy, spaces, space):
     index = novelty.NoveltyIndex.build(toy.ws, RES, space=space, progress=False, extractor=spaces[space])
     train = load_split(toy.ws, RES, "train")
@@ -125,7 +125,7 @@ def test_memorisation_rate_flags_copies_of_training_photos(toy, spaces, space):
     assert index.is_copy(copies).all()
 
 
-@pytest.mark.parametrize("space", ["inception", "efficientnet"])
+@pytest.mark.parametrize("space", ["inception", "efficientnet", "efficientnet-native"])
 def test_new_photos_of_the_same_cities_are_rarely_flagged(toy, spaces, space, tmp_path):
     from PIL import Image
 

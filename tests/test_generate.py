@@ -156,6 +156,25 @@ def test_default_upscaler_without_sr_weights_is_the_best_weightless_one(tmp_path
         get_upscaler("espcn", workspace=tmp_path)
 
 
+@pytest.mark.parametrize("hw", [(96, 128), (48, 64), (3, 5), (1, 1)])
+def test_the_espcn_base_is_torchs_bicubic_upsampling(hw):
+    """The residual's base is a fixed conv (fast in onnxruntime), equal to F.interpolate's bicubic."""
+    import torch
+    import torch.nn.functional as F
+
+    from neighbourhoods.thumbnails.upscalers import build_sr
+
+    model = build_sr(SRConfig(channels=8)).eval()
+    torch.nn.init.zeros_(model.body[-2].weight)     # no residual: the output is the base alone
+    torch.nn.init.zeros_(model.body[-2].bias)
+    x = torch.rand(2, 3, *hw)
+    with torch.no_grad():
+        got = model(x)
+    want = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False).clamp(0, 1)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-5
+    assert "bicubic" not in model.state_dict()      # derived, not saved: weight files are unchanged
+
+
 def test_sr_upscaler_trains_on_photos_and_loads_from_safetensors(served_run, tmp_path):
     from neighbourhoods.core import catalog
 

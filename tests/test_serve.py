@@ -39,6 +39,7 @@ def test_cities_lists_every_conditioning_class(client, thumbs):
 def test_healthz_reports_ok_and_the_model(client):
     body = client.get("/healthz").json()
     assert body["status"] == "ok" and body["generator_res"] == [48, 64]
+    assert body["generator_workers"] == 2          # the default: both cores of a small machine
 
 
 def test_thumbnail_is_an_image_of_the_requested_size_and_format(client, city):
@@ -182,6 +183,29 @@ def test_batcher_refuses_work_beyond_its_queue_bound():
         return await first, await second
 
     assert asyncio.run(run()) == ("a", "b")
+
+
+def test_batcher_runs_as_many_generator_calls_at_once_as_it_has_workers():
+    lock, active, peak = threading.Lock(), [0], [0]
+    release = threading.Event()
+
+    def slow(keys):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if active[0] == 2:
+                release.set()               # both workers are inside a call: let everyone finish
+        release.wait(10)
+        with lock:
+            active[0] -= 1
+        return [k * 10 for k in keys]
+
+    async def run():
+        b = MicroBatcher(slow, max_batch=1, max_wait_s=0.0, max_queue=64, workers=2)
+        return await asyncio.gather(*[b.submit(k) for k in range(8)])
+
+    assert asyncio.run(run()) == [k * 10 for k in range(8)]
+    assert peak[0] == 2 and release.is_set()     # two at once, never a third
 
 
 def test_novelty_guard_is_on_by_default_and_serves(served_run):

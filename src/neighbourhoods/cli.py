@@ -218,7 +218,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-novelty-guard", action="store_true", help="serve samples even if they nearly copy a training photo")
     p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
                    "its first call indexes every training photo, hours on a CPU at 100k+ photos")
-    p.add_argument("--max-batch", type=int, default=32, help="most samples per generator call")
+    p.add_argument("--max-batch", type=int, default=16, help="most samples per generator call")
+    p.add_argument("--generator-workers", type=int, default=2,
+                   help="generator calls at once, one thread each (default 2: keeps two cores busy)")
     p.add_argument("--max-wait-ms", type=float, default=4.0, help="how long a request waits to be batched")
     p.add_argument("--cache-mb", type=float, default=256.0, help="LRU cache of rendered thumbnails, MiB")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the generator (encoding runs beside it)")
@@ -236,7 +238,8 @@ def _run_serve(args) -> None:
     from neighbourhoods.core.urls import MAX_SEED, key_from_env
     from neighbourhoods.serve import ServeConfig, serve
 
-    cfg = ServeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
+    cfg = ServeConfig(max_batch=args.max_batch, generator_workers=args.generator_workers,
+                      max_wait_ms=args.max_wait_ms, cache_mb=args.cache_mb,
                       torch_threads=args.threads, max_side=args.max_side, url_key=key_from_env(),
                       max_seed=min(args.max_seed, MAX_SEED) if args.max_seed is not None else MAX_SEED,
                       header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,

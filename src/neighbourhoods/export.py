@@ -154,7 +154,8 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
         def forward(self, images01):
             return efficientnet_pooled(self.net, images01)
 
-    _onnx(Pooled().eval(), (torch.rand(2, 3, *replica.GUARD_HW),), replica.sibling(out, ".guard.onnx"), ["images"],
+    guard_hw = replica.GUARD_HW if index.space == "efficientnet" else gen.res   # the space's input size
+    _onnx(Pooled().eval(), (torch.rand(2, 3, *guard_hw),), replica.sibling(out, ".guard.onnx"), ["images"],
           ["features"], {"images": {0: "n"}, "features": {0: "n"}})
     with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=index.train_features.astype(np.float16), photo_ids=index.train_photo_ids,

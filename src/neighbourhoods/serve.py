@@ -6,8 +6,8 @@
     GET /healthz                      liveness plus model, cache and queue figures
     GET /                             a gallery page to browse cities and samples
 
-Bounded by design: one generator call at a time (concurrent requests are batched into it, at
-most `max_batch`, waiting at most `max_wait_ms` for company), a bounded queue (503 with
+Bounded by design: at most `generator_workers` generator calls at a time (concurrent requests
+are batched into them, at most `max_batch` each, waiting at most `max_wait_ms` for company), a bounded queue (503 with
 Retry-After beyond it), thumbnails in an LRU cache bounded in bytes, sizes capped per side,
 torch threads capped. Unknown city -> 404 with close matches; bad parameters -> 422.
 """
@@ -46,7 +46,8 @@ log = logging.getLogger("neighbourhoods.serve")
 class ServeConfig:
     max_side: int = MAX_THUMB_SIDE   # largest thumbnail side, px
     default_size: str = "256x192"    # thumbnail size when the request names none (WxH)
-    max_batch: int = 32              # most samples in one generator call
+    max_batch: int = 16              # most samples in one generator call
+    generator_workers: int = 2       # generator calls at once, one thread each: both cores (docs/serve.md)
     max_wait_ms: float = 4.0         # how long a lone request waits for others to batch with
     max_queue: int = 512             # queued samples beyond which requests get 503 + Retry-After
     cache_mb: float = 256.0          # LRU cache of encoded thumbnails, in MiB
@@ -106,27 +107,33 @@ class Overloaded(Exception):
 
 
 class MicroBatcher:
-    """Collects (class, seed) keys from concurrent requests into one generator call at a time.
+    """Collects (class, seed) keys from concurrent requests into at most `workers` generator calls at once.
 
-    A worker task per event loop takes the first waiting key, then whatever else arrives within
-    max_wait (or is already queued, e.g. while the previous batch ran), up to max_batch keys,
-    and runs `fn(keys)` in a single background thread, so the generator never runs twice at once.
+    Each of `workers` worker tasks per event loop takes the first waiting key, then whatever else
+    arrives within max_wait (or is already queued, e.g. while a batch ran), up to max_batch keys,
+    and runs `fn(keys)` in its own background thread. One thread's generator call (torch with one
+    intra-op thread, or onnxruntime) uses one core: two workers keep a 2-core machine busy where
+    one left the second core to the encoders, which need far less. `fn` must be thread-safe
+    (eager inference and onnxruntime sessions are); a request's bytes never depend on its batch.
     """
 
-    def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_queue: int):
+    def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_queue: int,
+                 workers: int = 1):
         self.fn, self.max_batch, self.max_wait_s, self.max_queue = fn, max_batch, max_wait_s, max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+        self.workers = max(1, workers)
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="generator")
         self._loop = None
         self._queue: asyncio.Queue | None = None
         self._inflight: dict = {}
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.batches = self.samples = 0
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._queue, self._inflight = loop, asyncio.Queue(), {}
-            self._task = loop.create_task(self._worker())   # keep a reference: tasks are weakly held
+            # keep references: tasks are weakly held
+            self._tasks = [loop.create_task(self._worker()) for _ in range(self.workers)]
 
     def queued(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
@@ -179,7 +186,7 @@ class Thumbnails:
         self.cache = ByteLRU(int(self.config.cache_mb * 2**20))
         self.samples = ByteLRU(int(self.config.sample_cache_mb * 2**20), size_of=lambda s: s.image.nbytes)
         self.batcher = MicroBatcher(self._render, self.config.max_batch, self.config.max_wait_ms / 1000,
-                                    self.config.max_queue)
+                                    self.config.max_queue, workers=self.config.generator_workers)
         self._encoder = ThreadPoolExecutor(max_workers=max(1, self.config.encode_threads),
                                            thread_name_prefix="encode")
         self.model_tag = hashlib.sha256(
@@ -227,7 +234,8 @@ class Thumbnails:
 
     def stats(self) -> dict:
         return {"cache": self.cache.stats(), "sample_cache": self.samples.stats(),
-                "queued": self.batcher.queued(), "batches": self.batcher.batches,
+                "queued": self.batcher.queued(), "generator_workers": self.batcher.workers,
+                "batches": self.batcher.batches,
                 "samples_generated": self.batcher.samples}
 
 

@@ -1,10 +1,14 @@
 """Feature spaces for evaluation and novelty, and a per-workspace cache of real photos' features.
 
-Two spaces, both fed uint8 images at the training resolution through the same resize
-(inception.resize_bicubic: PIL bicubic, per channel, on floats):
+Three spaces, fed uint8 images at the training resolution; the first two through the same
+resize (inception.resize_bicubic: PIL bicubic, per channel, on floats):
 
-    inception     FID InceptionV3 pool3, 2048-d, at 299 x 299 (see inception.py)
-    efficientnet  ImageNet EfficientNet-Lite0 pooled features, 1280-d, at 224 x 224 (bf16 where native)
+    inception            FID InceptionV3 pool3, 2048-d, at 299 x 299 (see inception.py)
+    efficientnet         ImageNet EfficientNet-Lite0 pooled features, 1280-d, at 224 x 224 (bf16 where native)
+    efficientnet-native  the same network at the images' own size, no resize: the novelty guard's
+                         space (it compares like with like, a generated image with training photos
+                         at one resolution, so it needs no ImageNet-sized input; 4x-12x cheaper
+                         per image, and it catches altered copies as well: bench/guard.py)
 
 Real photos' features are computed once per workspace and cached in
 
@@ -39,12 +43,15 @@ from neighbourhoods.nets import inception
 from neighbourhoods.nets.devices import autocast_dtype
 
 log = logging.getLogger("neighbourhoods.features")
-SPACES = ("inception", "efficientnet")
+SPACES = ("inception", "efficientnet", "efficientnet-native")
 EFFICIENTNET_HW = (224, 224)
 EFFICIENTNET_PROTOCOL = "efficientnet-lite0 imagenet pooled 1280; PIL bicubic float resize to 224x224; x/127.5-1"
-PROTOCOLS = {"inception": inception.PROTOCOL, "efficientnet": EFFICIENTNET_PROTOCOL}
+NATIVE_PROTOCOL = "efficientnet-lite0 imagenet pooled 1280; at the images' own size, no resize; x/127.5-1"
+PROTOCOLS = {"inception": inception.PROTOCOL, "efficientnet": EFFICIENTNET_PROTOCOL,
+             "efficientnet-native": NATIVE_PROTOCOL}
 BF16 = "; bf16 autocast"   # EfficientNet runs in bf16 where that is native (1.7x here, cosine >= 0.997)
-DIMS = {"inception": inception.FEATURE_DIM, "efficientnet": 1280}
+DIMS = {"inception": inception.FEATURE_DIM, "efficientnet": 1280, "efficientnet-native": 1280}
+EFFICIENTNET_INPUT = {"efficientnet": EFFICIENTNET_HW, "efficientnet-native": None}   # None: the images' own size
 
 
 @dataclass
@@ -59,31 +66,33 @@ def protocol(name: str, device: str = "cpu") -> str:
     """What a space's features came from (network, preprocessing, arithmetic): part of the cache key."""
     if name not in PROTOCOLS:
         raise NeighbourhoodsError(f"unknown feature space {name!r}; choose from {', '.join(SPACES)}")
-    if name == "efficientnet" and autocast_dtype("auto", torch.device(device)) is not None:
+    if name in EFFICIENTNET_INPUT and autocast_dtype("auto", torch.device(device)) is not None:
         return PROTOCOLS[name] + BF16
     return PROTOCOLS[name]
 
 
-def _efficientnet_space(device: str, batch_size: int) -> FeatureSpace:
+def _efficientnet_space(name: str, device: str, batch_size: int) -> FeatureSpace:
     from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
 
     # channels-last is ~2.5x faster on CPU for this network (measured), same features to 3e-5
     model = load_efficientnet_lite0().to(device).to(memory_format=torch.channels_last)
     dtype = autocast_dtype("auto", torch.device(device))
     kind = torch.device(device).type
+    hw = EFFICIENTNET_INPUT[name]
 
     @torch.inference_mode()
-    def extract(images: np.ndarray, progress: bool = False, desc: str = "efficientnet features") -> np.ndarray:
+    def extract(images: np.ndarray, progress: bool = False, desc: str = f"{name} features") -> np.ndarray:
         out = np.empty((len(images), 1280), dtype=np.float32)
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-            batch = inception.resize_bicubic(np.asarray(images[start:start + batch_size]), EFFICIENTNET_HW)
+            batch = np.asarray(images[start:start + batch_size])
+            batch = inception.resize_bicubic(batch, hw) if hw is not None else batch.astype(np.float32)
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).div(255.0)
             x = x.contiguous(memory_format=torch.channels_last).to(device)
             with torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out[start:start + len(batch)] = efficientnet_pooled(model, x).float().cpu().numpy()
         return out
 
-    return FeatureSpace("efficientnet", 1280, protocol("efficientnet", device), extract)
+    return FeatureSpace(name, 1280, protocol(name, device), extract)
 
 
 def _inception_space(device: str, batch_size: int) -> FeatureSpace:
@@ -102,8 +111,8 @@ def load_space(name: str, device: str = "cpu", batch_size: int = 32) -> FeatureS
     the training KID and the novelty guard would otherwise pay again and again."""
     if name == "inception":
         return _inception_space(device, batch_size)
-    if name == "efficientnet":
-        return _efficientnet_space(device, batch_size)
+    if name in EFFICIENTNET_INPUT:
+        return _efficientnet_space(name, device, batch_size)
     raise NeighbourhoodsError(f"unknown feature space {name!r}; choose from {', '.join(SPACES)}")
 
 

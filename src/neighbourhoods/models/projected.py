@@ -164,35 +164,40 @@ class InstanceBank(nn.Module):
         return self.start[labels] + torch.minimum((u * count).long(), count - 1)
 
 
-class AdaptivePool4(nn.Module):
-    """nn.AdaptiveAvgPool2d(4), also for maps whose sides 4 does not divide (6 x 8 at 96x128).
-
-    The same averaging regions (rows floor(i*H/4) .. ceil((i+1)*H/4)), as two small matrix
-    products where 4 does not divide a side: ONNX export has no such adaptive pooling.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if h % 4 == 0 and w % 4 == 0:
-            return F.adaptive_avg_pool2d(x, 4)
-        return torch.einsum("ih,nchw,jw->ncij", _pool_matrix(h, x), x, _pool_matrix(w, x))
-
-
-def _pool_matrix(size: int, like: torch.Tensor) -> torch.Tensor:
-    m = torch.zeros(4, size, dtype=like.dtype, device=like.device)
+def _pool_matrix(size: int) -> torch.Tensor:
+    m = torch.zeros(4, size)
     for i in range(4):
         start, end = (i * size) // 4, -(-((i + 1) * size) // 4)
         m[i, start:end] = 1.0 / (end - start)
     return m
 
 
-class SkipLayerExcitation(nn.Module):
-    """FastGAN's SLE: channel gates for a high-res map computed from a low-res one."""
+class AdaptivePool4(nn.Module):
+    """nn.AdaptiveAvgPool2d(4) of an h x w map, as two small matrix products.
 
-    def __init__(self, c_low: int, c_high: int):
+    The same averaging regions (rows floor(i*H/4) .. ceil((i+1)*H/4)), also where 4 does not
+    divide a side (6 x 8 at 96x128). Spelled out with the map's size fixed at construction
+    because ONNX has no such adaptive pooling, and after the first non-uniform pool the exporter
+    loses the feature maps' sizes, so even the uniform ones later in G could not be exported.
+    """
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        # not persistent: derived from the size, so checkpoints are the same with or without them
+        self.register_buffer("rows", _pool_matrix(size[0]), persistent=False)
+        self.register_buffer("cols", _pool_matrix(size[1]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ih,nchw,jw->ncij", self.rows.to(x.dtype), x, self.cols.to(x.dtype))
+
+
+class SkipLayerExcitation(nn.Module):
+    """FastGAN's SLE: channel gates for a high-res map computed from a low-res (h x w) one."""
+
+    def __init__(self, c_low: int, c_high: int, low_size: tuple[int, int]):
         super().__init__()
         self.net = nn.Sequential(
-            AdaptivePool4(), nn.Conv2d(c_low, c_high, 4, bias=False), nn.SiLU(),
+            AdaptivePool4(low_size), nn.Conv2d(c_low, c_high, 4, bias=False), nn.SiLU(),
             nn.Conv2d(c_high, c_high, 1, bias=False), nn.Sigmoid())
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -242,7 +247,9 @@ class Generator(nn.Module):
                     size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)), cond_bn=cond_bn)
             for i in range(levels))
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
-        self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2]) for i in range(1, levels - 1)})
+        self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2], (self.base[0] * 2 ** i,
+                                                                                 self.base[1] * 2 ** i))
+                                  for i in range(1, levels - 1)})
         self.to_rgb = nn.Conv2d(ch[-1], 3, 3, padding=1)
         # A grown G keeps its smaller run's to_rgb one level down and fades from its (nearest-
         # upsampled) image to the new top block's: `fade` 0 -> 1 over training, a buffer so every

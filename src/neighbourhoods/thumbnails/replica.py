@@ -29,7 +29,7 @@ from neighbourhoods.thumbnails.guard import Guard
 from neighbourhoods.thumbnails.source import SAMPLE_BATCH, Source
 from neighbourhoods.thumbnails.upscalers import SRUpscaler, get_upscaler
 
-GUARD_HW = (224, 224)
+GUARD_HW = (224, 224)   # the "efficientnet" space's input; "efficientnet-native" takes images as they are
 
 
 def _session(path: Path, threads: int = 1):
@@ -80,9 +80,11 @@ def load_replica_source(path, threads: int = 1) -> Source:
                   city_map=CityMap.from_json(meta["class_names"], meta.get("city_map")))
 
 
-def guard_features(session, images: np.ndarray) -> np.ndarray:
-    """uint8 N x H x W x 3 -> float32 N x 1280, by the eager guard's preprocessing."""
-    x = resize_bicubic(np.asarray(images), GUARD_HW).transpose(0, 3, 1, 2) / np.float32(255)
+def guard_features(session, images: np.ndarray, space: str = "efficientnet") -> np.ndarray:
+    """uint8 N x H x W x 3 -> float32 N x 1280, by the eager guard's preprocessing for `space`."""
+    x = np.asarray(images)
+    x = resize_bicubic(x, GUARD_HW) if space == "efficientnet" else x.astype(np.float32)   # else: own size
+    x = x.transpose(0, 3, 1, 2) / np.float32(255)
     return session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
@@ -99,7 +101,7 @@ def load_replica_guard(path, max_attempts: int = 8) -> Guard:
         threshold = float(z["threshold"])
 
     def similarity(images: np.ndarray) -> np.ndarray:
-        return nearest(train, guard_features(session, images))[0]
+        return nearest(train, guard_features(session, images, meta["guard"]["space"]))[0]
 
     return Guard(similarity=similarity, threshold=threshold, max_attempts=max_attempts,
                  label=f"novelty guard (onnx): {meta['guard']['space']} features, {len(train)} training photos, "
