@@ -30,8 +30,11 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    then grown by an octave (train --grow-from) for the rest: one budget, counted over both;
 4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
    JSON to --out (default bench/results/quality.json), and print a summary.
-Each model is scored in a child process while the next one trains (scoring 2,000 images through
-Inception takes minutes on a CPU); that overlap can only slow the later models' training.
+Each model is scored in a child process (one thread) before the next one trains; with
+--overlap-scoring the next model trains meanwhile (scoring 2,000 images through Inception takes
+~10 minutes on a CPU). Not the default: on a 2-core machine a 2-thread trainer beside the
+scorer fell from ~25 to 3.2 img/s at 96x128 (its threads spin-wait for the core the scorer
+holds), which took a third of its budget from the later model.
 
 Runs, grids and the workspace stay outside the repository (default: a new folder under /tmp).
 Wall-clock budgets on a shared machine depend on its load: compare models from one invocation.
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(g_grow_octaves 1), so the grown G has the native layout; default: grow the default "
                         "half-size G (slimmer)")
     p.add_argument("--tag", default="", help="suffix of the run names, to compare options in one workspace")
+    p.add_argument("--overlap-scoring", action="store_true",
+                   help="train the next model while the last one is scored (many cores only: see above)")
     args = p.parse_args(argv)
     if not (args.data / "listings.csv").is_file():
         raise SystemExit(f"{args.data} has no listings.csv: pass --data .../shared/data/socal")
@@ -234,8 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
               "grow_minutes": args.grow, "grow_native": args.grow_native, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(),
               "device": args.device, "load_average_start": os.getloadavg(), "models": {},
-              "note": "each model's scoring runs in a child process while the next model trains "
-                      "(on a CPU this slows the later models' training a little: conservative for them)"}
+              "overlap_scoring": args.overlap_scoring,
+              "note": "each model is scored in a child process" + (
+                  " while the next model trains (this slows the later models' training)" if args.overlap_scoring
+                  else " before the next model trains")}
     options = {}
     for item in args.train_option:
         key, _, value = item.partition("=")
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                         args.samples, run_dir / "samples" / f"bench-{model}.png",
                                                         args.device, served))
         proc.start()
+        if not args.overlap_scoring:
+            proc.join()   # the next model's budget must not be shared with this scorer
         scorers.append((key, proc, out))
 
     for model, proc, out in scorers:
