@@ -224,7 +224,8 @@ def main() -> None:
     ap.add_argument("--size", default="256x192")
     ap.add_argument("--format", default="jpg")
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
-    ap.add_argument("--generator-workers", type=int, default=2, help="the server's generator calls at once")
+    ap.add_argument("--generator-workers", type=int, default=None,
+                    help="the server's generator calls at once (default: serve's own)")
     ap.add_argument("--no-novelty-guard", action="store_true")
     ap.add_argument("--profile", action="store_true", help="first time one uncached thumbnail's parts in-process")
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
@@ -247,7 +248,8 @@ def main() -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "neighbourhoods", "serve", "--run", run, "--port", str(port),
-           "--threads", str(args.threads), "--generator-workers", str(args.generator_workers)]
+           "--threads", str(args.threads)]
+    cmd += ["--generator-workers", str(args.generator_workers)] if args.generator_workers else []
     cmd += ["--workspace", str(ws)] if ws else []
     if args.no_novelty_guard:
         cmd.append("--no-novelty-guard")

@@ -70,6 +70,7 @@ with TestClient(create_app(thumbs), follow_redirects=False) as c:
     assert r.status_code == 200 and r.content[:2] == b"\\xff\\xd8", r.text
     health = c.get("/healthz").json()
     assert health["novelty_guard"] is True, health
+    assert health["generator_workers"] == 1, health          # onnxruntime: one worker is faster (docs/serve.md)
 print("torch imported:", "torch" in sys.modules, "upscale:", thumbs.upscaler.name)
 """
 

@@ -219,8 +219,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
                    "its first call indexes every training photo, hours on a CPU at 100k+ photos")
     p.add_argument("--max-batch", type=int, default=16, help="most samples per generator call")
-    p.add_argument("--generator-workers", type=int, default=2,
-                   help="generator calls at once, one thread each (default 2: keeps two cores busy)")
+    p.add_argument("--generator-workers", type=int, default=None,
+                   help="generator calls at once, one thread each (default: 2 for a run, 1 for an ONNX replica)")
     p.add_argument("--max-wait-ms", type=float, default=4.0, help="how long a request waits to be batched")
     p.add_argument("--cache-mb", type=float, default=256.0, help="LRU cache of rendered thumbnails, MiB")
     p.add_argument("--threads", type=int, default=1, help="torch threads for the generator (encoding runs beside it)")

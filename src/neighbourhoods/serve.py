@@ -21,7 +21,7 @@ import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 from urllib.parse import quote
 
@@ -47,7 +47,7 @@ class ServeConfig:
     max_side: int = MAX_THUMB_SIDE   # largest thumbnail side, px
     default_size: str = "256x192"    # thumbnail size when the request names none (WxH)
     max_batch: int = 16              # most samples in one generator call
-    generator_workers: int = 2       # generator calls at once, one thread each: both cores (docs/serve.md)
+    generator_workers: int | None = None   # generator calls at once, one thread each; None: 2 for torch, 1 for a replica
     max_wait_ms: float = 4.0         # how long a lone request waits for others to batch with
     max_queue: int = 512             # queued samples beyond which requests get 503 + Retry-After
     cache_mb: float = 256.0          # LRU cache of encoded thumbnails, in MiB
@@ -186,7 +186,7 @@ class Thumbnails:
         self.cache = ByteLRU(int(self.config.cache_mb * 2**20))
         self.samples = ByteLRU(int(self.config.sample_cache_mb * 2**20), size_of=lambda s: s.image.nbytes)
         self.batcher = MicroBatcher(self._render, self.config.max_batch, self.config.max_wait_ms / 1000,
-                                    self.config.max_queue, workers=self.config.generator_workers)
+                                    self.config.max_queue, workers=self.config.generator_workers or 1)
         self._encoder = ThreadPoolExecutor(max_workers=max(1, self.config.encode_threads),
                                            thread_name_prefix="encode")
         self.model_tag = hashlib.sha256(
@@ -451,6 +451,11 @@ def build(workspace, run: str, config: ServeConfig | None = None, upscale: str |
           novelty: bool = True, guard_device: str = "cpu") -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
     config = config or ServeConfig()
+    if config.generator_workers is None:
+        # measured on 2 cores (docs/serve.md): torch's generator is the slow part, and a second
+        # worker gives it the second core (1.3x); onnxruntime's is fast enough that one worker
+        # plus the encoders fill both cores, and a second one only adds contention (0.9x)
+        config = replace(config, generator_workers=1 if is_replica(run) else 2)
     if not is_replica(run):          # a replica runs onnxruntime, and must not even import torch
         import torch
         torch.set_num_threads(max(1, config.torch_threads))
