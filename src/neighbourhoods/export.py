@@ -129,6 +129,7 @@ def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynam
 
 def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
     """OUT.onnx (+ .json, .guard.onnx, .guard.npz, .sr.onnx): a replica with no torch (replica.py)."""
+    from neighbourhoods.core.images import EFFICIENTNET_INPUT
     from neighbourhoods.core.latents import latents
     from neighbourhoods.metrics import novelty
     from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
@@ -154,7 +155,7 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
         def forward(self, images01):
             return efficientnet_pooled(self.net, images01)
 
-    guard_hw = replica.GUARD_HW if index.space == "efficientnet" else gen.res   # the space's input size
+    guard_hw = EFFICIENTNET_INPUT[index.space] or gen.res   # the space's input size (None: the samples')
     _onnx(Pooled().eval(), (torch.rand(2, 3, *guard_hw),), replica.sibling(out, ".guard.onnx"), ["images"],
           ["features"], {"images": {0: "n"}, "features": {0: "n"}})
     with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:

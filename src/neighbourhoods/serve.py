@@ -111,10 +111,10 @@ class MicroBatcher:
 
     Each of `workers` worker tasks per event loop takes the first waiting key, then whatever else
     arrives within max_wait (or is already queued, e.g. while a batch ran), up to max_batch keys,
-    and runs `fn(keys)` in its own background thread. One thread's generator call (torch with one
-    intra-op thread, or onnxruntime) uses one core: two workers keep a 2-core machine busy where
-    one left the second core to the encoders, which need far less. `fn` must be thread-safe
-    (eager inference and onnxruntime sessions are); a request's bytes never depend on its batch.
+    and runs `fn(keys)` in its own background thread. One thread's generator call uses one core;
+    how many pay depends on how slow the generator is beside the encoders (build() picks: 2 for
+    torch, 1 for onnxruntime). `fn` must be thread-safe (eager inference and onnxruntime
+    sessions are); a request's bytes never depend on its batch.
     """
 
     def __init__(self, fn: Callable[[list], list], max_batch: int, max_wait_s: float, max_queue: int,

@@ -32,3 +32,15 @@ def resize_bicubic(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
             channel = Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32))  # mode 'F'
             out[i, ..., c] = np.asarray(channel.resize((hw[1], hw[0]), resample=Image.BICUBIC))
     return np.clip(out, 0.0, 255.0, out=out)
+
+
+# EfficientNet-Lite0's input size per feature space (metrics.features), None: the images' own
+# size. Here, torch-free, so the ONNX replica's guard prepares its input the eager way.
+EFFICIENTNET_INPUT = {"efficientnet": (224, 224), "efficientnet-native": None}
+
+
+def efficientnet_pixels(images: np.ndarray, space: str) -> np.ndarray:
+    """uint8 N x H x W x 3 -> float32 N x h x w x 3 in [0, 255]: what `space`'s network sees."""
+    hw = EFFICIENTNET_INPUT[space]
+    images = np.asarray(images)
+    return resize_bicubic(images, hw) if hw is not None else images.astype(np.float32)

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.images import EFFICIENTNET_INPUT, efficientnet_pixels
 from neighbourhoods.core.prepared import load_split, release_pages
 from neighbourhoods.core.resolution import res_name
 from neighbourhoods.core.workspace import Workspace, atomic_path
@@ -44,14 +45,12 @@ from neighbourhoods.nets.devices import autocast_dtype
 
 log = logging.getLogger("neighbourhoods.features")
 SPACES = ("inception", "efficientnet", "efficientnet-native")
-EFFICIENTNET_HW = (224, 224)
 EFFICIENTNET_PROTOCOL = "efficientnet-lite0 imagenet pooled 1280; PIL bicubic float resize to 224x224; x/127.5-1"
 NATIVE_PROTOCOL = "efficientnet-lite0 imagenet pooled 1280; at the images' own size, no resize; x/127.5-1"
 PROTOCOLS = {"inception": inception.PROTOCOL, "efficientnet": EFFICIENTNET_PROTOCOL,
              "efficientnet-native": NATIVE_PROTOCOL}
 BF16 = "; bf16 autocast"   # EfficientNet runs in bf16 where that is native (1.7x here, cosine >= 0.997)
 DIMS = {"inception": inception.FEATURE_DIM, "efficientnet": 1280, "efficientnet-native": 1280}
-EFFICIENTNET_INPUT = {"efficientnet": EFFICIENTNET_HW, "efficientnet-native": None}   # None: the images' own size
 
 
 @dataclass
@@ -78,14 +77,12 @@ def _efficientnet_space(name: str, device: str, batch_size: int) -> FeatureSpace
     model = load_efficientnet_lite0().to(device).to(memory_format=torch.channels_last)
     dtype = autocast_dtype("auto", torch.device(device))
     kind = torch.device(device).type
-    hw = EFFICIENTNET_INPUT[name]
 
     @torch.inference_mode()
     def extract(images: np.ndarray, progress: bool = False, desc: str = f"{name} features") -> np.ndarray:
         out = np.empty((len(images), 1280), dtype=np.float32)
         for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-            batch = np.asarray(images[start:start + batch_size])
-            batch = inception.resize_bicubic(batch, hw) if hw is not None else batch.astype(np.float32)
+            batch = efficientnet_pixels(images[start:start + batch_size], name)
             x = torch.from_numpy(batch).permute(0, 3, 1, 2).div(255.0)
             x = x.contiguous(memory_format=torch.channels_last).to(device)
             with torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None):

@@ -22,14 +22,12 @@ import numpy as np
 
 from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
-from neighbourhoods.core.images import resize_bicubic
+from neighbourhoods.core.images import efficientnet_pixels
 from neighbourhoods.core.latents import latents
 from neighbourhoods.core.similarity import nearest
 from neighbourhoods.thumbnails.guard import Guard
 from neighbourhoods.thumbnails.source import SAMPLE_BATCH, Source
 from neighbourhoods.thumbnails.upscalers import SRUpscaler, get_upscaler
-
-GUARD_HW = (224, 224)   # the "efficientnet" space's input; "efficientnet-native" takes images as they are
 
 
 def _session(path: Path, threads: int = 1):
@@ -82,9 +80,7 @@ def load_replica_source(path, threads: int = 1) -> Source:
 
 def guard_features(session, images: np.ndarray, space: str = "efficientnet") -> np.ndarray:
     """uint8 N x H x W x 3 -> float32 N x 1280, by the eager guard's preprocessing for `space`."""
-    x = np.asarray(images)
-    x = resize_bicubic(x, GUARD_HW) if space == "efficientnet" else x.astype(np.float32)   # else: own size
-    x = x.transpose(0, 3, 1, 2) / np.float32(255)
+    x = efficientnet_pixels(images, space).transpose(0, 3, 1, 2) / np.float32(255)
     return session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
