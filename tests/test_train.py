@@ -683,6 +683,39 @@ def test_transitional_conditioning_is_refused_for_a_model_without_it(toy_ws):
         train_mod.resolve_config(TrainConfig(model="dcgan", cond_full_kimg=10.0))
 
 
+# --- blur of D's input ------------------------------------------------------------------------------
+def test_ds_input_blur_fades_out_and_keeps_what_it_blurs():
+    from neighbourhoods.train.augment import gaussian_blur
+    from neighbourhoods.train.loop import d_blur
+
+    cfg = train_mod.resolve_config(TrainConfig(d_blur_sigma=2.0, d_blur_kimg=4.0))
+    assert [d_blur(cfg, n) for n in (0, 1000, 2000, 4000, 9000)] == [2.0, 1.5, 1.0, 0.0, 0.0]
+    assert d_blur(train_mod.resolve_config(TrainConfig()), 0) == 0.0        # off unless asked
+    x = torch.rand(2, 3, 24, 32)
+    assert gaussian_blur(x, 0.0) is x
+    blurred = gaussian_blur(x, 1.5)
+    assert blurred.shape == x.shape
+    assert torch.allclose(blurred.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.02)   # brightness kept
+    assert blurred.std() < 0.6 * x.std()                                              # detail gone
+    dot = torch.zeros(1, 1, 15, 15)
+    dot[0, 0, 7, 7] = 1.0
+    spread = gaussian_blur(dot, 1.0)[0, 0]
+    assert spread.sum().item() == pytest.approx(1.0) and torch.equal(spread, spread.T)   # a symmetric kernel
+    with pytest.raises(NeighbourhoodsError, match="d-blur"):
+        train_mod.resolve_config(TrainConfig(d_blur_sigma=-1.0))
+
+
+def test_a_run_with_ds_input_blur_resumes_exactly_and_differs_from_one_without(toy_ws):
+    blur = {"d_blur_sigma": 1.0, "d_blur_kimg": 0.024}
+    whole = train(toy_ws, resume_config("projected", run="blur-whole", kimg=0.032, **blur))
+    train(toy_ws, resume_config("projected", run="blur-part", kimg=0.016, **blur))
+    part = train(toy_ws, resume_config("projected", run="blur-part", kimg=0.032, resume=True, **blur))
+    plain = train(toy_ws, resume_config("projected", run="blur-off", kimg=0.032))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "G").values(), weights(plain, "G").values()))
+
+
 # --- speed defaults and the resolution the photos support -------------------------------------------
 def test_mixed_precision_follows_the_device_and_the_cpu():
     from neighbourhoods.train import distributed

@@ -11,8 +11,25 @@ resume draws the same augmentations as an uninterrupted run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x blurred by a Gaussian of `sigma` pixels (separable, reflected edges); sigma 0: x itself.
+    Differentiable, so G is trained through the blur D sees (StyleGAN3's blur of D's input)."""
+    if sigma <= 0:
+        return x
+    radius = min(math.ceil(3 * sigma), (min(x.shape[-2:]) - 1))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.pad(x, [radius, radius, radius, radius], mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _brightness(x: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,11 @@ class TrainConfig:
                                    "run's, one new top block fades in, D starts afresh", metavar="RUN")
     grow_fade_kimg: float = option(10.0, "...the new top block's image fades in over this many thousand images "
                                    "(0 = at once)")
+    d_blur_sigma: float | None = option(None, "blur every image D sees (real and fake) by a Gaussian of this many "
+                                        "pixels at the start, fading linearly to none over --d-blur-kimg, so early "
+                                        "G is judged on shapes before texture (StyleGAN3); 0 = off (default: the "
+                                        "model's recipe, else 0)")
+    d_blur_kimg: float | None = option(None, "...over this many thousand images (default: the model's recipe, else 0)")
     any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
                                       "every city's mix (default: the model's recipe, else 0)")
     model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
@@ -121,15 +126,15 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "cond_start_kimg", "cond_full_kimg", "instance_k", "grow_from", "grow_fade_kimg", "model_kwargs",
-              "grid_rows", "grid_seeds")
+              "cond_start_kimg", "cond_full_kimg", "instance_k", "grow_from", "grow_fade_kimg", "d_blur_sigma",
+              "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0,
-            "cond_full_kimg": 0.0, "instance_k": 0}
+            "cond_full_kimg": 0.0, "instance_k": 0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
 LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
-          "grow_from": None, "grow_fade_kimg": 10.0}
+          "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -147,7 +152,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   augment=values["augment"] or "", mirror=bool(values["mirror"]),
                   any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0),
                   cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
-                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0))
+                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
+                  d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
     cfg = TrainConfig(**values)
     if cfg.loss not in ("bce", "hinge"):
         raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
@@ -173,6 +179,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no transitional conditioning: "
                                   "leave --cond-start-kimg and --cond-full-kimg at 0")
+    if cfg.d_blur_sigma < 0 or cfg.d_blur_kimg < 0:
+        raise NeighbourhoodsError("--d-blur-sigma and --d-blur-kimg must be >= 0")
     if cfg.grow_fade_kimg < 0:
         raise NeighbourhoodsError(f"--grow-fade-kimg must be >= 0 (got {cfg.grow_fade_kimg})")
     if cfg.grow_from and cfg.instance_k:

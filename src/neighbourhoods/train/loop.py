@@ -193,6 +193,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in)
             # and, in a grown run, the new top block's image.
             set_schedules(nets, cfg, state.images_seen)
+            loss.blur_sigma = d_blur(cfg, state.images_seen)
 
             # Sample fakes for the real photos' cities (in same-city pairs when mode seeking);
             # one G forward serves both updates, as in the reference DCGAN loop.
@@ -342,6 +343,14 @@ def set_schedules(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
         fade = cond_scale(0.0, cfg.grow_fade_kimg, images_seen)   # the same linear ramp from 0 to 1
         for G in (nets.G, nets.G_ema):
             G.fade.fill_(fade)
+
+
+def d_blur(cfg: TrainConfig, images_seen: int) -> float:
+    """The sigma of D's input blur at this point of the run: d_blur_sigma fading linearly to 0
+    at d_blur_kimg (a pure function of images_seen, so resume stays exact)."""
+    if cfg.d_blur_sigma <= 0 or cfg.d_blur_kimg <= 0:
+        return 0.0
+    return cfg.d_blur_sigma * max(0.0, 1.0 - images_seen / (cfg.d_blur_kimg * 1000))
 
 
 def calibrate(run: Run, nets: Nets, state: TrainState) -> None:

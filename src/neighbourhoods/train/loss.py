@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neighbourhoods.train.augment import diffaugment
+from neighbourhoods.train.augment import diffaugment, gaussian_blur
 
 
 def _terms(logits) -> list[torch.Tensor]:
@@ -78,13 +78,16 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels"
 
 @dataclass
 class GANLoss:
-    """An adversarial loss with DiffAugment before D and an optional mode-seeking term for G."""
+    """An adversarial loss with DiffAugment (and an optional blur) before D and an optional
+    mode-seeking term for G."""
     kind: str               # "bce" (non-saturating) or "hinge"
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
     mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels or structure
+    blur_sigma: float = 0.0  # Gaussian blur of every image D sees, in pixels; the loop fades it per step
 
     def aug(self, x: torch.Tensor) -> torch.Tensor:
+        x = gaussian_blur(x, self.blur_sigma)
         return diffaugment(x, self.augment) if self.augment else x
 
     def fake_labels(self, labels: torch.Tensor) -> torch.Tensor:
