@@ -50,6 +50,25 @@ def test_resolutions_used_by_the_project_all_build():
         assert G(torch.randn(2, G.z_dim), torch.tensor([0, 1])).shape == (2, 3, *res)
 
 
+def test_the_default_model_takes_a_training_step_at_the_gpu_size_192x256():
+    # the recipe as a GPU would run it: G and D built at 192x256, one D and one G update
+    from neighbourhoods.train.loss import GANLoss
+
+    torch.manual_seed(0)
+    G, D = projected.build(num_classes=2, res=(192, 256), **projected.TRAIN_DEFAULTS["model_kwargs"])
+    loss = GANLoss(projected.LOSS, projected.AUGMENT_POLICY, mode_seeking=0.5, mode_seeking_space="structure",
+                   blur_sigma=1.0)
+    z, labels = torch.randn(2, G.z_dim), torch.tensor([0, 1])
+    fake = G(z, labels)
+    real = torch.rand(2, 3, 192, 256) * 2 - 1
+    assert fake.shape == real.shape
+    loss.discriminator(D, real, labels, fake.detach(), labels).backward()
+    assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
+    loss.generator(D, fake, labels, z).backward()
+    grads = [p.grad for p in G.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_resolution_that_cannot_be_reached_by_upsampling_is_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
         projected.Generator(2, (50, 66))

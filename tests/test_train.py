@@ -703,6 +703,8 @@ def test_ds_input_blur_fades_out_and_keeps_what_it_blurs():
     assert spread.sum().item() == pytest.approx(1.0) and torch.equal(spread, spread.T)   # a symmetric kernel
     with pytest.raises(NeighbourhoodsError, match="d-blur"):
         train_mod.resolve_config(TrainConfig(d_blur_sigma=-1.0))
+    with pytest.raises(NeighbourhoodsError, match="needs --d-blur-kimg"):
+        train_mod.resolve_config(TrainConfig(d_blur_sigma=2.0))
 
 
 def test_a_run_with_ds_input_blur_resumes_exactly_and_differs_from_one_without(toy_ws):

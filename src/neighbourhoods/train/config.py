@@ -181,6 +181,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                                   "leave --cond-start-kimg and --cond-full-kimg at 0")
     if cfg.d_blur_sigma < 0 or cfg.d_blur_kimg < 0:
         raise NeighbourhoodsError("--d-blur-sigma and --d-blur-kimg must be >= 0")
+    if cfg.d_blur_sigma > 0 and cfg.d_blur_kimg == 0:
+        raise NeighbourhoodsError("--d-blur-sigma needs --d-blur-kimg, the images over which the blur fades out")
     if cfg.grow_fade_kimg < 0:
         raise NeighbourhoodsError(f"--grow-fade-kimg must be >= 0 (got {cfg.grow_fade_kimg})")
     if cfg.grow_from and cfg.instance_k:
