@@ -347,10 +347,8 @@ def set_schedules(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
 
 def d_blur(cfg: TrainConfig, images_seen: int) -> float:
     """The sigma of D's input blur at this point of the run: d_blur_sigma fading linearly to 0
-    at d_blur_kimg (a pure function of images_seen, so resume stays exact)."""
-    if cfg.d_blur_sigma <= 0 or cfg.d_blur_kimg <= 0:
-        return 0.0
-    return cfg.d_blur_sigma * max(0.0, 1.0 - images_seen / (cfg.d_blur_kimg * 1000))
+    at d_blur_kimg, on the same ramp as a grown run's fade (so resume stays exact)."""
+    return cfg.d_blur_sigma * (1.0 - cond_scale(0.0, cfg.d_blur_kimg, images_seen))
 
 
 def calibrate(run: Run, nets: Nets, state: TrainState) -> None:
