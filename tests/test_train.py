@@ -479,6 +479,35 @@ def test_trains_on_real_listing_photos_at_four_by_three(shared_data, tmp_path):
     assert images.shape == (3, 48, 64, 3) and images.std() > 0
 
 
+# --- relativistic pairing (R3GAN's RpGAN) ---------------------------------------------------------
+def test_relativistic_pairing_judges_each_fake_against_its_own_real():
+    real = [torch.tensor([[3.0], [0.0]]), torch.tensor([[1.0], [-1.0]])]
+    fake = [torch.tensor([[0.0], [3.0]]), torch.tensor([[-1.0], [1.0]])]
+    swapped = [t.flip(0) for t in real]
+    for loss in (train_loss.d_loss, lambda kind, r, f: train_loss.g_loss(kind, f, r)):
+        # only the differences count: shifting every logit changes nothing ...
+        assert torch.isclose(loss("rpgan", real, fake), loss("rpgan", [t + 5 for t in real], [t + 5 for t in fake]))
+        # ... but which real a fake is paired with does, unlike the hinge loss
+        assert not torch.isclose(loss("rpgan", real, fake), loss("rpgan", swapped, fake))
+    assert torch.isclose(train_loss.d_loss("hinge", real, fake), train_loss.d_loss("hinge", swapped, fake))
+    # G's loss falls as a fake overtakes its real
+    assert train_loss.g_loss("rpgan", [real[0] + 1], [real[0]]) < train_loss.g_loss("rpgan", [real[0] - 1], [real[0]])
+
+
+def test_the_default_model_trains_with_the_relativistic_loss(toy_ws):
+    run = train(toy_ws, tiny("projected", run="rpgan", loss="rpgan"))
+    lines = metrics(run)
+    assert json.loads((run / "config.json").read_text())["loss"] == "rpgan"
+    assert all(math.isfinite(m["loss_d"]) and math.isfinite(m["loss_g"]) for m in lines)
+    first = load_file(str(run / "checkpoints" / "0000000000" / "G.safetensors"))
+    assert not torch.equal(first["to_rgb.weight"], weights(run)["to_rgb.weight"])
+
+
+def test_an_unknown_loss_is_refused_in_one_line(toy_ws):
+    with pytest.raises(NeighbourhoodsError, match="unknown loss 'wgan': use bce, hinge, rpgan"):
+        train(toy_ws, tiny("projected", run="wgan", loss="wgan"))
+
+
 # --- mode seeking (MSGAN) --------------------------------------------------------------------------
 def test_mode_seeking_pairs_each_fake_with_one_of_the_same_city():
     paired = train_loss.pair_labels(torch.tensor([3, 1, 4, 1, 5, 9, 2]))

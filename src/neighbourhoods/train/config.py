@@ -38,6 +38,8 @@ def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, fla
     return field(default=default, metadata=meta)
 
 
+# The adversarial losses train/loss.py knows.
+LOSSES = ("bce", "hinge", "rpgan")
 # What the mode-seeking term can measure distance in (train/loss.py: mode_seeking_loss).
 MS_SPACES = ("pixels", "structure")
 
@@ -58,7 +60,8 @@ class TrainConfig:
     lr_d: float | None = option(None, "Adam learning rate of D (default: the model's recipe)")
     betas: tuple[float, float] | None = option(None, "Adam betas of both nets, e.g. 0,0.99 (default: the model's recipe)",
                                                metavar="B1,B2")
-    loss: str | None = option(None, "adversarial loss: bce (non-saturating) or hinge (default: the model's recipe)")
+    loss: str | None = option(None, "adversarial loss: bce (non-saturating), hinge, or rpgan (relativistic pairing, "
+                                    "R3GAN) (default: the model's recipe)")
     augment: str | None = option(None, 'DiffAugment policy for real and fake images before D, e.g. '
                                  '"color,translation,cutout"; "" = off (default: the model\'s recipe)')
     mirror: bool | None = option(None, "random left-right flips of the real photos (default: the model's recipe)")
@@ -155,8 +158,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
                   d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
     cfg = TrainConfig(**values)
-    if cfg.loss not in ("bce", "hinge"):
-        raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use bce or hinge")
+    if cfg.loss not in LOSSES:
+        raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use {', '.join(LOSSES)}")
     if cfg.augment:
         from neighbourhoods.train.augment import parse_policy
         try:

@@ -214,7 +214,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 p.requires_grad_(False)
             try:
                 with autocast():
-                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond)
+                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond, real, labels, real_cond)
                 nets.opt_g.zero_grad(set_to_none=True)
                 nets.scaler_g.scale(loss_g).backward()
                 nets.scaler_g.step(nets.opt_g)

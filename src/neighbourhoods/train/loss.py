@@ -3,8 +3,8 @@
 `GANLoss.discriminator(D, ...)` is D's loss on real and fake images, `GANLoss.generator(D, ...)`
 is G's; the loop owns the forward pass of G, the optimizers and the order of updates (as
 StyleGAN2-ADA's `training/loss.py` and Projected GAN's `ProjectedGANLoss` leave the loop
-alone). A model picks its loss family (bce or hinge) and augmentation in its recipe; another
-loss is another class with the same two methods.
+alone). A model picks its loss family (bce, hinge or rpgan) and augmentation in its recipe;
+another loss is another class with the same two methods.
 """
 
 from __future__ import annotations
@@ -23,18 +23,31 @@ def _terms(logits) -> list[torch.Tensor]:
     return [t.float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
 
 
+def _paired(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real logit i beside fake logit i (the batches may differ in size under DDP's last step:
+    pair the common part)."""
+    n = min(real.shape[0], fake.shape[0])
+    return real[:n], fake[:n]
+
+
 def d_loss(kind: str, real_logits, fake_logits) -> torch.Tensor:
     real, fake = _terms(real_logits), _terms(fake_logits)
-    if kind == "bce":   # BCE with logits: -log sigmoid(real) - log(1 - sigmoid(fake))
+    if kind == "rpgan":   # relativistic pairing (R3GAN): each real must outscore its paired fake
+        parts = [F.softplus(f - r).mean() for r, f in (_paired(r, f) for r, f in zip(real, fake))]
+    elif kind == "bce":   # BCE with logits: -log sigmoid(real) - log(1 - sigmoid(fake))
         parts = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake)]
     else:
         parts = [F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake)]
     return sum(parts) / len(parts)
 
 
-def g_loss(kind: str, fake_logits) -> torch.Tensor:
+def g_loss(kind: str, fake_logits, real_logits=None) -> torch.Tensor:
+    """G's loss; rpgan needs the (detached) logits of the real batch that the fakes pair with."""
     fake = _terms(fake_logits)
-    if kind == "bce":   # non-saturating: -log sigmoid(fake)
+    if kind == "rpgan":   # each fake must outscore its paired real; per patch of every scale
+        real = _terms(real_logits)
+        parts = [F.softplus(r - f).mean() for r, f in (_paired(r, f) for r, f in zip(real, fake))]
+    elif kind == "bce":   # non-saturating: -log sigmoid(fake)
         parts = [F.softplus(-f).mean() for f in fake]
     else:
         parts = [-f.mean() for f in fake]
@@ -80,7 +93,7 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels"
 class GANLoss:
     """An adversarial loss with DiffAugment (and an optional blur) before D and an optional
     mode-seeking term for G."""
-    kind: str               # "bce" (non-saturating) or "hinge"
+    kind: str               # "bce" (non-saturating), "hinge" or "rpgan" (relativistic pairing, R3GAN)
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
     mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels or structure
@@ -103,8 +116,15 @@ class GANLoss:
                       D(self.aug(fake), fake_labels, **(fake_cond or {})))
 
     def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor,
-                  fake_cond: dict | None = None) -> torch.Tensor:
-        loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})))
+                  fake_cond: dict | None = None, real: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None, real_cond: dict | None = None) -> torch.Tensor:
+        """G's loss; `real`, `labels`, `real_cond`: the batch the fakes pair with (rpgan only,
+        which judges them again with the updated D, as R3GAN's generator phase does)."""
+        real_logits = None
+        if self.kind == "rpgan":
+            with torch.no_grad():
+                real_logits = D(self.aug(real), labels, **(real_cond or {}))
+        loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})), real_logits)
         if self.mode_seeking:
             loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space)
         return loss
