@@ -17,7 +17,7 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models import runs
 from neighbourhoods.models.projected import build_generator
 from neighbourhoods.train import TrainConfig, train
-from neighbourhoods.train.instances import build_instances
+from neighbourhoods.train.instances import build_instances, city_embeddings
 
 TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "instance_dim": 8}
 
@@ -113,3 +113,43 @@ def test_an_instance_conditioned_generator_exports_with_its_bank(toy_ws, tmp_pat
     classes, seeds = [0, 1, 2, 0], [3, 4, 5, 6]
     # one sample per call, as serving draws them (bytes never depend on the batch)
     assert np.array_equal(exported.sample(classes, seeds, batch_size=1), load_source(toy_ws, run.name).sample(classes, seeds))
+
+
+# --- city embeddings started from the photos' features (StyleGAN-XL) ----------------------------------
+def test_city_embeddings_start_at_each_citys_mean_photo_feature():
+    rng = np.random.default_rng(1)
+    sky = np.zeros((8, 32, 32, 3), np.uint8)
+    sky[..., 2] = 220                                          # classes 0 and 1: blue pictures
+    grass = np.zeros((4, 32, 32, 3), np.uint8)
+    grass[..., 1] = 180                                        # class 2: green ones
+    noise = rng.integers(0, 40, (12, 32, 32, 3), dtype=np.uint8)
+    images = np.concatenate([sky, grass]) + noise
+    classes = np.array([0, 1] * 4 + [2] * 4)
+    start = city_embeddings("projected", images, np.arange(12), classes, num_classes=4, dim=6)
+    assert start.shape == (4, 6) and start.dtype == np.float32
+    assert np.isclose(start[:3].std(), 1.0, atol=1e-5)        # the scale of nn.Embedding's own start
+    assert np.all(start[3] == 0)                               # a class without photos: the mean photo
+    alike, apart = np.linalg.norm(start[0] - start[1]), np.linalg.norm(start[0] - start[2])
+    assert alike < 0.3 * apart                                 # two blue cities start near each other
+
+
+def test_a_run_with_city_embeddings_from_features_starts_there_and_resumes_exactly(toy_ws):
+    cfg = config(instance_k=0, city_init="features")
+    whole = train(toy_ws, replace(cfg, run="ci-whole"))
+    first = load_file(str(whole / "checkpoints" / "0000000000" / "G.safetensors"))["embed.weight"]
+    random_start = load_file(str(train(toy_ws, config(instance_k=0, run="ci-random", kimg=0.008))
+                                 / "checkpoints" / "0000000000" / "G.safetensors"))["embed.weight"]
+    assert not torch.allclose(first, random_start)
+    assert np.isclose(first.std().item(), 1.0, atol=0.2)
+    train(toy_ws, replace(cfg, run="ci-part", kimg=0.016))
+    part = train(toy_ws, replace(cfg, run="ci-part", resume=True))
+    a = load_file(str(runs.latest_checkpoint(whole)[0] / "G.safetensors"))
+    b = load_file(str(runs.latest_checkpoint(part)[0] / "G.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_city_embeddings_from_features_are_refused_where_they_cannot_apply(toy_ws):
+    with pytest.raises(NeighbourhoodsError, match="no pretrained feature net"):
+        train(toy_ws, TrainConfig(model="dcgan", res=(32, 32), kimg=0.01, city_init="features", progress=False))
+    with pytest.raises(NeighbourhoodsError, match="unknown --city-init 'mean'"):
+        train(toy_ws, config(city_init="mean"))

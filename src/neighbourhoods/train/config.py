@@ -40,6 +40,8 @@ def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, fla
 
 # The adversarial losses train/loss.py knows.
 LOSSES = ("bce", "hinge", "rpgan")
+# Where G's city embeddings start (train/instances.py: city_embeddings).
+CITY_INITS = ("random", "features")
 # What the mode-seeking term can measure distance in (train/loss.py: mode_seeking_loss).
 MS_SPACES = ("pixels", "structure")
 
@@ -88,6 +90,9 @@ class TrainConfig:
                                     "of one of its k nearest same-city photos, and G draws from that feature, so "
                                     "samples vary as the city's photos do; 0 = off (default: the model's recipe, "
                                     "else 0)")
+    city_init: str | None = option(None, "G's city embeddings at the start: random, or features = each city's "
+                                   "photos' mean pretrained feature (StyleGAN-XL), so alike cities start alike "
+                                   "(default: the model's recipe, else random)", choices=list(CITY_INITS))
     grow_from: str | None = option(None, "start from a trained run at half this resolution (its name or folder; "
                                    "e.g. a 48x64 run for --res 96x128): its G becomes the lower levels of this "
                                    "run's, one new top block fades in, D starts afresh", metavar="RUN")
@@ -129,15 +134,15 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "cond_start_kimg", "cond_full_kimg", "instance_k", "grow_from", "grow_fade_kimg", "d_blur_sigma",
+              "cond_start_kimg", "cond_full_kimg", "instance_k", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
               "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0,
-            "cond_full_kimg": 0.0, "instance_k": 0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+            "cond_full_kimg": 0.0, "instance_k": 0, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
 LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
-          "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+          "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -190,6 +195,14 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError(f"--grow-fade-kimg must be >= 0 (got {cfg.grow_fade_kimg})")
     if cfg.grow_from and cfg.instance_k:
         raise NeighbourhoodsError("--grow-from and --instance-k do not go together: grow a run without instances")
+    if cfg.city_init not in CITY_INITS:
+        raise NeighbourhoodsError(f"unknown --city-init {cfg.city_init!r}: use " + " or ".join(CITY_INITS))
+    if cfg.city_init == "features" and not models.supports_instances(cfg.model):
+        raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net to start city embeddings "
+                                  "from: leave --city-init at random")
+    if cfg.grow_from and cfg.city_init != "random":
+        raise NeighbourhoodsError("--grow-from and --city-init features do not go together: a grown run's cities "
+                                  "start where its smaller run's ended")
     if cfg.instance_k < 0:
         raise NeighbourhoodsError(f"--instance-k must be >= 0 (got {cfg.instance_k})")
     if cfg.instance_k and not models.supports_instances(cfg.model):

@@ -7,6 +7,10 @@ The bank: every training photo's instance feature (the model's `instance_feature
 saved, exported and served with the weights). Each photo's `k` nearest same-class neighbours
 (cosine, itself first) drive training: a real photo i is shown with the feature of a neighbour
 j drawn from that list, and the fake for it is drawn from j's feature.
+
+The same features also give G's city embeddings a starting point (`city_embeddings`, as
+StyleGAN-XL starts its class embeddings from pretrained features): each city begins where its
+photos' mean feature is, so cities whose houses look alike start alike.
 """
 
 from __future__ import annotations
@@ -41,15 +45,34 @@ class Instances:
         bank.count.copy_(torch.from_numpy(self.count))
 
 
-def build_instances(model: str, images: np.ndarray, rows: np.ndarray, classes: np.ndarray, num_classes: int,
-                    k: int, dim: int) -> Instances:
-    """The bank and neighbour lists of the training photos (images[rows[i]] is photo i, NHWC uint8)."""
+def photo_features(model: str, images: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The training photos' pretrained features (images[rows[i]] is photo i, NHWC uint8),
+    centred and reduced to `dim` by PCA (N x dim float64)."""
     photos = torch.from_numpy(np.stack([images[r] for r in rows])).permute(0, 3, 1, 2)
     feats = models.instance_features(model, photos).double().numpy()
     feats -= feats.mean(axis=0)
     _, _, vt = np.linalg.svd(feats, full_matrices=False)      # PCA: exact and fast at N x 432
     reduced = feats @ vt[:dim].T
-    reduced = np.pad(reduced, ((0, 0), (0, dim - reduced.shape[1])))   # fewer photos than dims
+    return np.pad(reduced, ((0, 0), (0, dim - reduced.shape[1])))   # fewer photos than dims
+
+
+def city_embeddings(model: str, images: np.ndarray, rows: np.ndarray, classes: np.ndarray, num_classes: int,
+                    dim: int) -> np.ndarray:
+    """num_classes x dim float32: each class's mean photo feature (PCA to `dim`), scaled so its
+    entries have unit variance, as nn.Embedding's own N(0, 1) start has; a class without photos
+    keeps 0 (the mean photo)."""
+    feats = photo_features(model, images, rows, dim)
+    count = np.bincount(classes, minlength=num_classes)
+    means = np.zeros((num_classes, dim))
+    np.add.at(means, classes, feats)
+    means /= np.maximum(count, 1)[:, None]
+    return (means / (means[count > 0].std() + 1e-12)).astype(np.float32)
+
+
+def build_instances(model: str, images: np.ndarray, rows: np.ndarray, classes: np.ndarray, num_classes: int,
+                    k: int, dim: int) -> Instances:
+    """The bank and neighbour lists of the training photos (images[rows[i]] is photo i, NHWC uint8)."""
+    reduced = photo_features(model, images, rows, dim)
     reduced /= np.linalg.norm(reduced, axis=1, keepdims=True) + 1e-12
     order = np.argsort(classes, kind="stable")
     count = np.bincount(classes, minlength=num_classes)

@@ -44,7 +44,7 @@ from neighbourhoods.train.config import TrainConfig, describe, resolve_run, to_j
 from neighbourhoods.train.data import BatchReader, TrainingData, load_training_data
 from neighbourhoods.train.distributed import Dist, autocast_dtype, pick_device
 from neighbourhoods.train.ema import ema_beta, standing_bn_stats, update_ema
-from neighbourhoods.train.instances import Instances, build_instances
+from neighbourhoods.train.instances import Instances, build_instances, city_embeddings
 from neighbourhoods.train.logs import (
     Tick,
     deadline,
@@ -136,6 +136,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         say(cfg, dd.main, f"resuming {run_dir.name} at {state.images_seen:,} images ({folder.name})")
     elif cfg.resume and any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
         latest_checkpoint(run_dir)   # raises the clear "latest.json is missing" error
+    if fresh and cfg.city_init == "features":   # each city starts at its photos' mean feature
+        start_cities_from_photos(run, nets)
     if fresh and cfg.grow_from:    # a new grown run: the smaller run's G below the new top block
         source = grow.start_from(nets, ws, cfg, data.class_names)
         say(cfg, dd.main, f"growing run {source.name} to {cfg.res.name}: its G_ema below a new top block, "
@@ -343,6 +345,18 @@ def set_schedules(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
         fade = cond_scale(0.0, cfg.grow_fade_kimg, images_seen)   # the same linear ramp from 0 to 1
         for G in (nets.G, nets.G_ema):
             G.fade.fill_(fade)
+
+
+def start_cities_from_photos(run: Run, nets: Nets) -> None:
+    """G's (and G_ema's) city embeddings set to the classes' mean photo features (the same on
+    every rank: a pure function of the data)."""
+    data = run.data
+    embed = nets.G.embed.weight
+    start = city_embeddings(run.cfg.model, data.split.images, data.split.rows, data.classes,
+                            len(data.class_names), embed.shape[1])
+    with torch.no_grad():
+        for G in (nets.G, nets.G_ema):
+            G.embed.weight.copy_(torch.from_numpy(start))
 
 
 def d_blur(cfg: TrainConfig, images_seen: int) -> float:
