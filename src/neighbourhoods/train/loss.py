@@ -23,17 +23,10 @@ def _terms(logits) -> list[torch.Tensor]:
     return [t.float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
 
 
-def _paired(real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real logit i beside fake logit i (the batches may differ in size under DDP's last step:
-    pair the common part)."""
-    n = min(real.shape[0], fake.shape[0])
-    return real[:n], fake[:n]
-
-
 def d_loss(kind: str, real_logits, fake_logits) -> torch.Tensor:
     real, fake = _terms(real_logits), _terms(fake_logits)
     if kind == "rpgan":   # relativistic pairing (R3GAN): each real must outscore its paired fake
-        parts = [F.softplus(f - r).mean() for r, f in (_paired(r, f) for r, f in zip(real, fake))]
+        parts = [F.softplus(f - r).mean() for r, f in zip(real, fake)]   # real i vs fake i
     elif kind == "bce":   # BCE with logits: -log sigmoid(real) - log(1 - sigmoid(fake))
         parts = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake)]
     else:
@@ -46,7 +39,7 @@ def g_loss(kind: str, fake_logits, real_logits=None) -> torch.Tensor:
     fake = _terms(fake_logits)
     if kind == "rpgan":   # each fake must outscore its paired real; per patch of every scale
         real = _terms(real_logits)
-        parts = [F.softplus(r - f).mean() for r, f in (_paired(r, f) for r, f in zip(real, fake))]
+        parts = [F.softplus(r - f).mean() for r, f in zip(real, fake)]
     elif kind == "bce":   # non-saturating: -log sigmoid(fake)
         parts = [F.softplus(-f).mean() for f in fake]
     else:
