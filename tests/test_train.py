@@ -619,6 +619,80 @@ def test_a_run_from_before_mode_seeking_resumes_without_it(toy_ws):
     assert json.loads((run / "config.json").read_text())["mode_seeking"] == 0.0
 
 
+# --- the spectral term (Durall et al. 2020) ---------------------------------------------------------
+def test_radial_spectrum_is_flat_for_white_noise_and_falls_for_a_blurred_image():
+    noise = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    flat = train_loss.radial_spectrum(noise)
+    assert flat.shape == (32,) and flat.max() / flat.min() < 1.3
+    blurred = train_loss.radial_spectrum(torch.nn.functional.avg_pool2d(noise, 3, 1, 1))
+    assert blurred[-4:].mean() < 0.1 * blurred[:4].mean()                 # less power at fine detail
+    assert train_loss.radial_spectrum(noise[:, :, :48]).shape == (24,)   # 4:3: up to the shorter side's Nyquist
+
+
+def test_spectral_loss_is_zero_for_a_match_and_pulls_a_blurred_generator_back_to_detail():
+    real = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    target = train_loss.radial_spectrum(real)
+    assert train_loss.spectral_loss(real, target).item() == 0.0
+    smooth = torch.nn.functional.avg_pool2d(real, 3, 1, 1).clone().requires_grad_(True)
+    before = train_loss.spectral_loss(smooth, target)
+    before.backward()
+    with torch.no_grad():   # one step down its gradient restores fine detail, and the loss falls
+        step = smooth - 50.0 * smooth.grad
+    assert train_loss.spectral_loss(step, target) < before
+    assert train_loss.radial_spectrum(step)[-4:].mean() > train_loss.radial_spectrum(smooth.detach())[-4:].mean()
+
+
+def test_the_photos_spectrum_is_the_mean_over_all_rows_in_any_batching():
+    images = np.random.default_rng(0).integers(0, 256, (10, 16, 16, 3), dtype=np.uint8)
+    rows = np.array([0, 2, 3, 5, 7, 9])
+    x = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert torch.allclose(train_loss.photos_spectrum(images, rows, batch=4), train_loss.radial_spectrum(x), rtol=1e-5)
+
+
+def test_the_spectral_term_is_off_by_default_checked_and_a_run_with_it_resumes_exactly(toy_ws):
+    assert train_mod.resolve_config(TrainConfig(model="projected")).spectral == 0.0
+    with pytest.raises(NeighbourhoodsError, match="--spectral must be >= 0"):
+        train_mod.resolve_config(TrainConfig(spectral=-1.0))
+    whole = train(toy_ws, resume_config("projected", run="spectral-whole", kimg=0.032, spectral=1.0))
+    train(toy_ws, resume_config("projected", run="spectral-part", kimg=0.016, spectral=1.0))
+    part = train(toy_ws, resume_config("projected", run="spectral-part", kimg=0.032, resume=True))   # the run's value
+    plain = train(toy_ws, resume_config("projected", run="spectral-off", kimg=0.032))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "G").values(), weights(plain, "G").values()))
+    assert json.loads((part / "config.json").read_text())["spectral"] == 1.0
+
+
+# --- LeCam regularisation (Tseng et al. 2021) -------------------------------------------------------
+def test_lecam_pulls_reals_towards_the_fakes_anchor_and_moves_the_anchors():
+    real, fake = [torch.full((4, 3), 2.0)], [torch.full((4, 3), -1.0)]
+    anchors = [0.0, 0.0]
+    first = train_loss.lecam_term(real, fake, anchors)
+    assert first.item() == pytest.approx(2.0 ** 2 + 1.0 ** 2)           # (real - fake anchor)^2 + (fake - real anchor)^2
+    assert anchors == pytest.approx([0.01 * 2.0, 0.01 * -1.0])          # EMA decay 0.99 towards this batch's means
+    for _ in range(2000):
+        train_loss.lecam_term(real, fake, anchors)
+    assert anchors == pytest.approx([2.0, -1.0], abs=1e-6)
+    # at the anchors the term is the squared gap between D's real and fake outputs, on both sides
+    assert train_loss.lecam_term(real, fake, anchors).item() == pytest.approx(2 * 3.0 ** 2)
+
+
+def test_a_run_with_lecam_resumes_exactly_and_its_anchors_are_saved(toy_ws):
+    whole = train(toy_ws, resume_config("projected", run="lecam-whole", kimg=0.032, lecam=0.3))
+    train(toy_ws, resume_config("projected", run="lecam-part", kimg=0.016, lecam=0.3))
+    part = train(toy_ws, resume_config("projected", run="lecam-part", kimg=0.032, resume=True))
+    plain = train(toy_ws, resume_config("projected", run="lecam-off", kimg=0.032))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "D").values(), weights(plain, "D").values()))
+    folder, _ = runs.latest_checkpoint(part)
+    anchors = torch.load(folder / "state.pt", weights_only=True)["lecam_anchors"]
+    assert len(anchors) == 2 and anchors[0] != 0.0 and anchors[1] != 0.0
+    assert json.loads((part / "config.json").read_text())["lecam"] == 0.3
+    with pytest.raises(NeighbourhoodsError, match="--lecam must be >= 0"):
+        train_mod.resolve_config(TrainConfig(lecam=-0.1))
+
+
 # --- options: one declaration, resolved in one place -----------------------------------------------
 def test_every_train_flag_comes_from_a_config_field_with_its_help():
     import argparse

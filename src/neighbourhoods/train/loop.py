@@ -56,7 +56,7 @@ from neighbourhoods.train.logs import (
     write_metrics,
     write_progress_grid,
 )
-from neighbourhoods.train.loss import GANLoss
+from neighbourhoods.train.loss import GANLoss, photos_spectrum
 from neighbourhoods.train.rng import seed_everything
 from neighbourhoods.train.state import Nets, TrainState, build_nets, restore, state_dict
 
@@ -112,7 +112,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
-    loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space)
+    loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space, spectral=cfg.spectral, lecam=cfg.lecam,
+                   spectrum=photos_spectrum(data.split.images, data.split.rows) if cfg.spectral else None)
     state = TrainState()
 
     # Resume from the latest checkpoint, if asked and there is one.
@@ -205,7 +206,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
 
             # Update D.
             with autocast():
-                loss_d = loss.discriminator(nets.D_train, real, labels, fake.detach(), fake_labels, real_cond, fake_cond)
+                loss_d = loss.discriminator(nets.D_train, real, labels, fake.detach(), fake_labels, real_cond, fake_cond,
+                                            state.lecam_anchors)
             nets.opt_d.zero_grad(set_to_none=True)
             nets.scaler_d.scale(loss_d).backward()
             nets.scaler_d.step(nets.opt_d)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +83,74 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels"
     return (1.0 / (dx / dz + 1e-5)).mean()
 
 
+_RADII: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+
+
+def _radii(h: int, w: int) -> tuple[torch.Tensor, int]:
+    """Each rfft2 bin's spatial frequency as a ring index, 1 ring = 1 cycle per min(h, w) pixels;
+    rings beyond the Nyquist limit of the shorter side are dropped (index -1)."""
+    if (h, w) not in _RADII:
+        fy, fx = torch.fft.fftfreq(h), torch.fft.rfftfreq(w)
+        r = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * min(h, w)).long()
+        n = min(h, w) // 2 + 1
+        _RADII[(h, w)] = (torch.where(r < n, r, -1).flatten(), n)
+    return _RADII[(h, w)]
+
+
+def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
+    """The batch's mean power per spatial frequency (azimuthally averaged, grey, each image's mean
+    removed): rings 1 .. min(H, W) / 2, a 1-D profile of how much detail the images hold at each scale."""
+    g = x.float().mean(1)
+    g = g - g.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.rfft2(g, norm="ortho").abs().square().mean(0).flatten()
+    ring, n = _radii(*g.shape[1:])
+    ring = ring.to(power.device)
+    keep = ring >= 0
+    total = torch.zeros(n, device=power.device).index_add_(0, ring[keep], power[keep])
+    count = torch.zeros(n, device=power.device).index_add_(0, ring[keep], torch.ones_like(power[keep]))
+    return (total / count.clamp(min=1))[1:]
+
+
+def photos_spectrum(images, rows, batch: int = 512) -> torch.Tensor:
+    """radial_spectrum over the training photos (uint8 N x H x W x 3 rows of a memory map): the
+    target of the spectral term, a pure function of the data (so a resumed run has the same)."""
+    total, n = None, 0
+    for i in range(0, len(rows), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        part = radial_spectrum(x) * len(x)
+        total, n = (part if total is None else total + part), n + len(x)
+    return total / n
+
+
+def spectral_loss(fake: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Durall et al. (CVPR 2020): generators built on upsampling leave too much (or too little)
+    power at fine spatial frequencies, a signature every fake shares. The mean squared difference
+    of the log radial spectra of the fake batch and of the photos (`target`, photos_spectrum): a
+    batch statistic, so single images stay free to differ."""
+    eps = 1e-8
+    return (torch.log(radial_spectrum(fake) + eps) - torch.log(target.to(fake.device) + eps)).square().mean()
+
+
+LECAM_DECAY = 0.99   # the anchors' EMA decay (Tseng et al.)
+
+
+def lecam_term(real_logits, fake_logits, anchors: list[float]) -> torch.Tensor:
+    """LeCam regularisation (Tseng et al., CVPR 2021): D's outputs on real photos are pulled
+    towards the moving average of its outputs on fakes, and vice versa, which keeps D from
+    growing ever more confident on few photos. `anchors` = [EMA on reals, EMA on fakes] is moved
+    here by this batch (averaged over DDP ranks, so every rank keeps the same anchors)."""
+    real = torch.cat([t.flatten(1) for t in _terms(real_logits)], 1)
+    fake = torch.cat([t.flatten(1) for t in _terms(fake_logits)], 1)
+    term = (real - anchors[1]).square().mean() + (fake - anchors[0]).square().mean()
+    means = torch.stack([real.detach().mean(), fake.detach().mean()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(means)
+        means /= torch.distributed.get_world_size()
+    for i, m in enumerate(means.tolist()):
+        anchors[i] = LECAM_DECAY * anchors[i] + (1 - LECAM_DECAY) * m
+    return term
+
+
 @dataclass
 class GANLoss:
     """An adversarial loss with DiffAugment (and an optional blur) before D and an optional
@@ -91,6 +160,9 @@ class GANLoss:
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
     mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels or structure
     blur_sigma: float = 0.0  # Gaussian blur of every image D sees, in pixels; the loop fades it per step
+    spectral: float = 0.0   # weight of the spectral term in G's loss (0 = off)
+    lecam: float = 0.0      # weight of LeCam regularisation in D's loss (0 = off)
+    spectrum: torch.Tensor | None = None   # ...and its target, the photos' radial spectrum (photos_spectrum)
 
     def aug(self, x: torch.Tensor) -> torch.Tensor:
         x = gaussian_blur(x, self.blur_sigma)
@@ -102,11 +174,17 @@ class GANLoss:
 
     def discriminator(self, D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
                       fake: torch.Tensor, fake_labels: torch.Tensor,
-                      real_cond: dict | None = None, fake_cond: dict | None = None) -> torch.Tensor:
+                      real_cond: dict | None = None, fake_cond: dict | None = None,
+                      anchors: list[float] | None = None) -> torch.Tensor:
         """D's loss; `fake` should be detached from G. `*_cond`: D's further conditioning
-        keyword arguments (instance features) for the real and the fake images."""
-        return d_loss(self.kind, D(self.aug(real), labels, **(real_cond or {})),
-                      D(self.aug(fake), fake_labels, **(fake_cond or {})))
+        keyword arguments (instance features) for the real and the fake images. `anchors`: the
+        run's LeCam anchors (TrainState.lecam_anchors), moved by this batch when lecam > 0."""
+        real_logits = D(self.aug(real), labels, **(real_cond or {}))
+        fake_logits = D(self.aug(fake), fake_labels, **(fake_cond or {}))
+        loss = d_loss(self.kind, real_logits, fake_logits)
+        if self.lecam:
+            loss = loss + self.lecam * lecam_term(real_logits, fake_logits, anchors)
+        return loss
 
     def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor,
                   fake_cond: dict | None = None, real: torch.Tensor | None = None,
@@ -120,4 +198,6 @@ class GANLoss:
         loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})), real_logits)
         if self.mode_seeking:
             loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space)
+        if self.spectral:
+            loss = loss + self.spectral * spectral_loss(fake, self.spectrum)
         return loss

@@ -8,7 +8,7 @@ is the three networks' weights (safetensors, models/runs.py writes them) plus `s
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class TrainState:
     time_s: float = 0.0         # seconds spent in training steps (not snapshots), over all calls
     rollbacks: int = 0          # non-finite losses rolled back so far
     bn_calibrated_at: int = -1  # images_seen at which G_ema's BatchNorm statistics were last re-estimated
+    lecam_anchors: list[float] = field(default_factory=lambda: [0.0, 0.0])   # LeCam: EMA of D's real, fake outputs
 
 
 @dataclass
@@ -76,6 +77,7 @@ def state_dict(nets: Nets, state: TrainState, cfg, photos: int, dd: Dist) -> dic
     else:
         per_rank = [rng]
     return {"format": 1, "images_seen": state.images_seen, "time_s": state.time_s, "rollbacks": state.rollbacks,
+            "lecam_anchors": list(state.lecam_anchors),
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
             "ema": {"ema_kimg": cfg.ema_kimg, "ema_rampup": cfg.ema_rampup},
@@ -96,6 +98,7 @@ def restore(nets: Nets, state: TrainState, folder: Path, cfg, dd: Dist) -> dict:
         nets.scaler_d.load_state_dict(saved["scaler_d"])
         state.images_seen, state.time_s = int(saved["images_seen"]), float(saved["time_s"])
         state.rollbacks = int(saved["rollbacks"])
+        state.lecam_anchors = [float(a) for a in saved.get("lecam_anchors", (0.0, 0.0))]   # older: none
         rngs = saved["rng"]
     except (KeyError, ValueError, RuntimeError) as e:
         raise NeighbourhoodsError(f"{folder / 'state.pt'} does not fit this run ({e})") from None
