@@ -81,7 +81,7 @@ class TrainConfig:
                                             "exposure and sky colour do not count) (default: the model's recipe, "
                                             "else pixels)", choices=list(MS_SPACES))
     spectral: float | None = option(None, "weight of a term in G's loss that matches the fake batch's radial power "
-                                    "spectrum to the real batch's (Durall et al. 2020), against the high-frequency "
+                                    "spectrum to the training photos' (Durall et al. 2020), against the fine-detail "
                                     "signature upsampling generators share; 0 = off (default: the model's recipe, "
                                     "else 0)")
     lecam: float | None = option(None, "weight of LeCam regularisation in D's loss (Tseng et al. 2021: D's outputs "
