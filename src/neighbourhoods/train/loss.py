@@ -83,18 +83,20 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels"
     return (1.0 / (dx / dz + 1e-5)).mean()
 
 
-_RADII: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+_RINGS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
 
 
-def _radii(h: int, w: int) -> tuple[torch.Tensor, int]:
-    """Each rfft2 bin's spatial frequency as a ring index, 1 ring = 1 cycle per min(h, w) pixels;
-    rings beyond the Nyquist limit of the shorter side are dropped (index -1)."""
-    if (h, w) not in _RADII:
+def _rings(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ring index of each rfft2 bin kept, bins per ring, rings) for an h x w image: 1 ring = 1
+    cycle per min(h, w) pixels; bins beyond the shorter side's Nyquist limit are left out.
+    Fixed per shape, so computed once."""
+    if (h, w) not in _RINGS:
         fy, fx = torch.fft.fftfreq(h), torch.fft.rfftfreq(w)
-        r = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * min(h, w)).long()
+        r = torch.round(torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2) * min(h, w)).long().flatten()
         n = min(h, w) // 2 + 1
-        _RADII[(h, w)] = (torch.where(r < n, r, -1).flatten(), n)
-    return _RADII[(h, w)]
+        ring = torch.where(r < n, r, -1)
+        _RINGS[(h, w)] = (ring, torch.bincount(ring[ring >= 0], minlength=n).float(), n)
+    return _RINGS[(h, w)]
 
 
 def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
@@ -103,23 +105,21 @@ def radial_spectrum(x: torch.Tensor) -> torch.Tensor:
     g = x.float().mean(1)
     g = g - g.mean(dim=(1, 2), keepdim=True)
     power = torch.fft.rfft2(g, norm="ortho").abs().square().mean(0).flatten()
-    ring, n = _radii(*g.shape[1:])
-    ring = ring.to(power.device)
+    ring, count, n = _rings(*g.shape[1:])
+    ring, count = ring.to(power.device), count.to(power.device)
     keep = ring >= 0
     total = torch.zeros(n, device=power.device).index_add_(0, ring[keep], power[keep])
-    count = torch.zeros(n, device=power.device).index_add_(0, ring[keep], torch.ones_like(power[keep]))
     return (total / count.clamp(min=1))[1:]
 
 
 def photos_spectrum(images, rows, batch: int = 512) -> torch.Tensor:
     """radial_spectrum over the training photos (uint8 N x H x W x 3 rows of a memory map): the
     target of the spectral term, a pure function of the data (so a resumed run has the same)."""
-    total, n = None, 0
+    total = 0.0
     for i in range(0, len(rows), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        part = radial_spectrum(x) * len(x)
-        total, n = (part if total is None else total + part), n + len(x)
-    return total / n
+        total = total + radial_spectrum(x) * len(x)   # weighted by the chunk's size: the mean over all rows
+    return total / len(rows)
 
 
 def spectral_loss(fake: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
