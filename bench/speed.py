@@ -14,8 +14,10 @@ each candidate for "quality per CPU-minute" at the website's size:
     grown-native  ... from a half-size run built with g_grow_octaves 1: the native layout
     for-growing   the default G laid out for growing (g_grow_octaves 1): what the half-size
                   run of grown-native costs, measured at this --res
-    feature-0.75  D's feature network fed the image at 3/4 size (feature_res 0.75)
-    feature-0.5   ... at 1/2 size
+    feature-1     D's feature network fed the image at its own size (feature_min_side 0; the
+                  recipe enlarges it by octaves to >= 96 px on the shorter side: 64 -> 128)
+    feature-0.75  ... at 3/4 of its own size (feature_res 0.75)
+    feature-0.5   ... at 1/2 of its own size
     channels-last both nets and the images in channels_last memory format
     compile       torch.compile of G and D (the first steps, compiling, are not timed)
 
@@ -46,7 +48,7 @@ from neighbourhoods.models import projected  # noqa: E402
 from neighbourhoods.nets.devices import autocast_dtype  # noqa: E402
 from neighbourhoods.train.loss import GANLoss  # noqa: E402
 
-VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-0.75", "feature-0.5", "channels-last", "compile")
+VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "feature-0.75", "feature-0.5", "channels-last", "compile")
 CLASSES = 26   # socal's training classes at the default --min-city-photos
 
 
@@ -60,7 +62,7 @@ def make_step(variant: str, res: tuple[int, int], batch: int):
     if variant == "for-growing":
         kwargs["g_grow_octaves"] = 1
     if variant.startswith("feature-"):
-        kwargs["feature_res"] = float(variant.split("-")[1])
+        kwargs.update(feature_res=float(variant.split("-")[1]), feature_min_side=0)
     torch.manual_seed(0)
     G, D = projected.build(CLASSES, res, **kwargs)
     G.train()

@@ -19,7 +19,8 @@ from neighbourhoods.models.projected import build_generator
 from neighbourhoods.train import TrainConfig, train
 from neighbourhoods.train.instances import build_instances, city_embeddings
 
-TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "instance_dim": 8}
+TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "instance_dim": 8,
+        "feature_min_side": 0}
 
 
 @pytest.fixture(scope="module")

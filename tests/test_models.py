@@ -153,6 +153,20 @@ def test_discriminator_step_updates_heads_but_never_the_feature_net(square):
     assert set(map(id, D.trainable_parameters())).isdisjoint(map(id, D.feature_net.parameters()))
 
 
+@pytest.mark.parametrize("res, min_side, seen", [((64, 64), 96, (128, 128)), ((48, 64), 96, (96, 128)),
+                                                 ((32, 32), 96, (128, 128)), ((96, 128), 96, (96, 128)),
+                                                 ((64, 64), 0, (64, 64))])
+def test_the_feature_net_sees_small_images_enlarged_by_octaves_to_its_minimum_side(res, min_side, seen):
+    _, D = projected.build(num_classes=2, res=res, g_max_channels=16, g_min_channels=8, d_head_width=8,
+                           feature_min_side=min_side)
+    shapes = []
+    hook = D.feature_net.stem.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        logits = D.eval()(torch.zeros(2, 3, *res), torch.tensor([0, 1]))
+    hook.remove()
+    assert shapes == [seen] and logits.shape[0] == 2
+
+
 def test_frozen_mixing_is_the_same_for_every_discriminator():
     a = projected.FrozenFeatures()
     b = projected.FrozenFeatures()

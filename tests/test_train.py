@@ -32,7 +32,8 @@ from neighbourhoods.train.ema import ema_beta
 
 TINY = {
     "dcgan": {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
-    "projected": {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8},
+    # feature_min_side 0: tiny runs keep D's feature net at their own 32 px (the recipe's 128 px costs 16x)
+    "projected": {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "feature_min_side": 0},
 }
 
 
@@ -591,15 +592,20 @@ def test_a_new_run_writes_the_recipes_builder_arguments_and_an_old_run_keeps_its
     assert config["model_kwargs"]["g_cond_from"] == 1 and config["model_args"]["kwargs"]["g_cond_from"] == 1
     # a run from before the option: its config.json has no g_cond_from, and it resumes as it was built
     for block in (config["model_kwargs"], config["model_args"]["kwargs"]):
-        del block["g_cond_from"]
+        del block["g_cond_from"], block["feature_min_side"]
     (run / "config.json").write_text(json.dumps(config))
     result = train_mod.train_models(toy_ws, tiny("projected", run="cond-from", kimg=0.032, resume=True))
     assert result.G.cond_from == 0
+    assert result.D.feature_scale == 1.0      # its D's feature net sees the images as they are, as it trained
     assert "g_cond_from" not in json.loads((run / "config.json").read_text())["model_kwargs"]
     assert runs.load_generator(run).model.cond_from == 0
     # the caller's value wins over the recipe's
     run = train(toy_ws, tiny("projected", run="cond-from-2", kimg=0.016, model_kwargs={**TINY["projected"], "g_cond_from": 2}))
     assert json.loads((run / "config.json").read_text())["model_kwargs"]["g_cond_from"] == 2
+    # left out, D's feature net gets the recipe's minimum side (runs from before it: their own size)
+    from neighbourhoods.train.config import resolve_run
+    _, cfg, _ = resolve_run(open_workspace(toy_ws), TrainConfig(model="projected", run="recipe", kimg=1))
+    assert cfg.model_kwargs == {"g_cond_from": 1, "feature_min_side": 96}
 
 
 def test_default_model_trains_with_mode_seeking_and_dcgan_without(toy_ws):
@@ -691,6 +697,62 @@ def test_a_run_with_lecam_resumes_exactly_and_its_anchors_are_saved(toy_ws):
     assert json.loads((part / "config.json").read_text())["lecam"] == 0.3
     with pytest.raises(NeighbourhoodsError, match="--lecam must be >= 0"):
         train_mod.resolve_config(TrainConfig(lecam=-0.1))
+
+
+# --- the MMD of pooled pretrained features ---------------------------------------------------------
+def test_feature_mmd_is_near_zero_for_one_distribution_and_large_for_a_collapsed_batch():
+    gen = torch.Generator().manual_seed(0)
+    real = torch.nn.functional.normalize(torch.randn(64, 16, generator=gen), dim=1)
+    same = torch.nn.functional.normalize(torch.randn(64, 16, generator=gen), dim=1)
+    collapsed = real[:1].repeat(64, 1) + 0.01 * torch.randn(64, 16, generator=gen)
+    assert abs(train_loss.feature_mmd(same, real).item()) < 0.1
+    assert train_loss.feature_mmd(collapsed, real).item() > 1.0
+    assert train_loss.feature_mmd(real[:1], real).item() == 0.0          # one fake: no pair, no term
+
+
+def test_feature_mmds_gradient_spreads_a_collapsed_batch_out():
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(32, 8, generator=gen)
+    fake = (real[:1] + 0.05 * torch.randn(32, 8, generator=gen)).requires_grad_(True)
+    spread = lambda x: torch.pdist(x).mean().item()   # noqa: E731
+    before = spread(fake.detach())
+    for _ in range(50):   # plain gradient descent on the term alone
+        loss = train_loss.feature_mmd(fake, real)
+        grad, = torch.autograd.grad(loss, fake)
+        fake = (fake - 2.0 * grad).detach().requires_grad_(True)
+    assert spread(fake.detach()) > 3 * before
+    assert train_loss.feature_mmd(fake, real).item() < 0.5 * train_loss.feature_mmd(
+        real[:1] + 0.05 * torch.randn(32, 8, generator=gen), real).item()
+
+
+def test_the_discriminator_returns_the_instance_features_it_sees_at_no_extra_forward():
+    from neighbourhoods.models import projected
+
+    _, D = projected.build(3, (32, 32), **TINY["projected"])
+    D.eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    x = images.float().div(127.5).sub(1.0)
+    labels = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        logits, pooled = D(x, labels, pooled=True)
+        assert torch.equal(logits, D(x, labels))
+    assert torch.allclose(pooled, projected.instance_features(images), atol=1e-6)
+
+
+def test_feature_mmd_is_off_by_default_checked_and_a_run_with_it_resumes_exactly(toy_ws):
+    assert train_mod.resolve_config(TrainConfig(model="projected")).feature_mmd == 0.0
+    with pytest.raises(NeighbourhoodsError, match="--feature-mmd must be >= 0"):
+        train_mod.resolve_config(TrainConfig(feature_mmd=-1.0))
+    with pytest.raises(NeighbourhoodsError, match="no pretrained feature net"):
+        train_mod.resolve_config(TrainConfig(model="dcgan", feature_mmd=1.0))
+    whole = train(toy_ws, resume_config("projected", run="mmd-whole", kimg=0.032, feature_mmd=1.0))
+    train(toy_ws, resume_config("projected", run="mmd-part", kimg=0.016, feature_mmd=1.0))
+    part = train(toy_ws, resume_config("projected", run="mmd-part", kimg=0.032, resume=True))   # the run's value
+    plain = train(toy_ws, resume_config("projected", run="mmd-off", kimg=0.032))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "G").values(), weights(plain, "G").values()))
+    assert json.loads((part / "config.json").read_text())["feature_mmd"] == 1.0
 
 
 # --- options: one declaration, resolved in one place -----------------------------------------------

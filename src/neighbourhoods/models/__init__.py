@@ -17,6 +17,7 @@ A model module may define, beside `build`:
     INSTANCE_CONDITIONING = True        build takes instances=N, instance_dim=d; G holds the bank
                                         (G.instances), G(z, labels, instances=rows), D(x, labels,
                                         instances=features); instance_features(uint8 NCHW) -> N x F
+    POOLED_FEATURES = True              D(x, labels, pooled=True) -> (logits, N x F pretrained features)
     grown_kwargs(res, kwargs) -> kwargs G's builder arguments at 2 x res, grown from a run at res
     load_grown(G, state_dict)           load that run's G weights into the grown G (train/grow.py)
     MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
@@ -98,6 +99,11 @@ def supports_cond_scale(model_name: str) -> bool:
 def supports_instances(model_name: str) -> bool:
     """Whether the model takes instance conditioning (IC-GAN): see train/instances.py."""
     return bool(getattr(_module(model_name), "INSTANCE_CONDITIONING", False))
+
+
+def supports_pooled_features(model_name: str) -> bool:
+    """Whether the model's D can return its images' pooled pretrained features (train --feature-mmd)."""
+    return bool(getattr(_module(model_name), "POOLED_FEATURES", False))
 
 
 def supports_growing(model_name: str) -> bool:

@@ -13,7 +13,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
   head (spectral-norm convs, patch logits). Conditioning by projection (Miyato & Koyama
   2018): each head's logit is a plain linear term plus <embed(city), features>.
   The feature net sees the image at its native resolution (64x64 costs 12x less than the
-  224x224 the net was trained at); `feature_res` > 1 upsamples first, at that price.
+  224x224 the net was trained at), enlarged (bilinear, by whole octaves) where its shorter
+  side is below `feature_min_side`: a net shown 64 px cannot see the fine artefacts Inception
+  sees in the enlarged image (docs/model.md); `feature_res` scales that size further (ablations).
 - Training adds a mode-seeking term to G's loss (MSGAN; train.py, TRAIN_DEFAULTS below):
   without it every seed of a city drew the same house (docs/model.md has the measurements).
 - Optional instance conditioning (IC-GAN; `--instance-k`, off by default: measured no gain at
@@ -61,7 +63,10 @@ TRAIN_DEFAULTS = {
     "mirror": True,          # house fronts read the same mirrored: twice the data for free
     "mode_seeking": 0.5,     # MSGAN term: without it every seed of a city drew the same house (docs/model.md)
     "mode_seeking_space": "structure",   # ...measured on layout, not exposure: pixels bought lighting, not houses
-    "model_kwargs": {"g_cond_from": 1},  # no city in G's base map: z lays the house out, the city styles it
+    # g_cond_from 1: no city in G's base map (z lays the house out, the city styles it);
+    # feature_min_side 96: D's feature net sees a 64 px image at 128 px (KID 0.024 against 0.056 at
+    # 64 px, docs/model.md), 48x64 at 96x128, 96x128 and up as they are
+    "model_kwargs": {"g_cond_from": 1, "feature_min_side": 96},
     "any_city_p": 0.0,       # untested beyond a smoke run; the (any city) class gets the small cities only
     "batch": 32,             # at CPU budgets (~10-30k images) twice the updates of 64 matter more than smoother gradients
 }
@@ -77,6 +82,7 @@ _TAP_CHANNELS = (24, 40, 112, 320)
 MIN_LEVELS, MAX_BASE_SIDE = 2, None
 TRANSITIONAL_CONDITIONING = True   # G and D weight the city signal by their `cond_scale`
 INSTANCE_CONDITIONING = True       # G and D also take an instance feature (IC-GAN); see instance_features
+POOLED_FEATURES = True             # D(x, labels, pooled=True) also returns pooled_features (feature MMD)
 
 
 # --- generator ------------------------------------------------------------------------------
@@ -316,14 +322,21 @@ class FrozenFeatures(nn.Module):
     def train(self, mode: bool = True) -> "FrozenFeatures":
         return super().train(False)  # frozen: ImageNet BN statistics must never move
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x in [-1, 1] (EfficientNet-Lite's own input range) -> four mixed feature maps."""
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x in [-1, 1] (EfficientNet-Lite's own input range) -> the four EfficientNet feature maps."""
         x = self.stem(x)
         taps = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i in _TAPS:
                 taps.append(x)
+        return taps
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x in [-1, 1] -> four mixed feature maps."""
+        return self.mix(self.taps(x))
+
+    def mix(self, taps: list[torch.Tensor]) -> list[torch.Tensor]:
         mixed = [ccm(t) for ccm, t in zip(self.ccm, taps)]
         out = [None] * len(mixed)
         out[-1] = mixed[-1]
@@ -369,10 +382,13 @@ class ProjectedDiscriminator(nn.Module):
     """(images in [-1, 1], city) -> N x P patch logits from all four scales."""
 
     def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0,
-                 batchnorm: bool = True, instance_dim: int = 0):
+                 batchnorm: bool = True, instance_dim: int = 0, feature_min_side: int = 0):
         super().__init__()
         self.res = tuple(res)
-        self.feature_res = feature_res  # scale of the image fed to the feature net (1.0: native)
+        # the feature net's input: enlarged by whole octaves until its shorter side is >= feature_min_side
+        # (64 -> 128, 48x64 -> 96x128, 96x128 as it is), times feature_res (ablations)
+        octaves = max(0, math.ceil(math.log2(feature_min_side / min(self.res)))) if feature_min_side else 0
+        self.feature_scale = feature_res * 2 ** octaves
         self.feature_net = FrozenFeatures()
         with torch.no_grad():
             probe = self.feature_net(torch.zeros(1, 3, *self._feature_size()))
@@ -383,21 +399,26 @@ class ProjectedDiscriminator(nn.Module):
         self.cond_scale = 1.0   # weight of the class-projection term (transitional conditioning)
 
     def _feature_size(self) -> tuple[int, int]:
-        return (round(self.res[0] * self.feature_res), round(self.res[1] * self.feature_res))
+        return (round(self.res[0] * self.feature_scale), round(self.res[1] * self.feature_scale))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
-        """`instances`: the instance features (N x instance_dim) the images are judged against."""
-        if self.feature_res != 1.0:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None,
+                pooled: bool = False):
+        """`instances`: the instance features (N x instance_dim) the images are judged against.
+        pooled=True: also return the images' pooled pretrained features (`pooled_features`), which
+        the feature-MMD term compares, at no extra cost."""
+        if self.feature_scale != 1.0:
             images = F.interpolate(images, size=self._feature_size(), mode="bilinear", align_corners=False)
-        feats = self.feature_net(images)
-        return torch.cat([head(f, labels, self.cond_scale, instances) for head, f in zip(self.heads, feats)], dim=1)
+        taps = self.feature_net.taps(images)
+        feats = self.feature_net.mix(taps)
+        logits = torch.cat([head(f, labels, self.cond_scale, instances) for head, f in zip(self.heads, feats)], dim=1)
+        return (logits, pooled_features(taps)) if pooled else logits
 
 
 def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
-          g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
+          g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0, feature_min_side: int = 0,
           g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
           instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
           g_convs: list[int] | None = None, g_grown: bool = False,
@@ -409,13 +430,14 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
                         g_cond_from=g_cond_from, g_channels=g_channels, g_convs=g_convs, g_grown=g_grown,
                         g_grow_octaves=g_grow_octaves)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
-                               batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0)
+                               batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0,
+                               feature_min_side=feature_min_side)
     return G, D
 
 
 def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channels: int = 256,
                     g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
-                    g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
+                    feature_min_side: int = 0, g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
                     instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
                     g_convs: list[int] | None = None, g_grown: bool = False, g_grow_octaves: int = 0) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
@@ -458,20 +480,17 @@ def load_grown(G: Generator, small: dict[str, torch.Tensor]) -> None:
                          f"unexpected {unexpected[:3]})")
 
 
+def pooled_features(taps: list[torch.Tensor]) -> torch.Tensor:
+    """N x 432: the last two EfficientNet taps (112 + 320 channels) average-pooled, each half
+    unit-normalised so both count: what a photo shows, without where."""
+    return torch.cat([F.normalize(t.float().mean(dim=(2, 3)), dim=1) for t in taps[2:]], dim=1)
+
+
 @torch.no_grad()
 def instance_features(images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """N x 432 instance features of uint8 N x 3 x H x W photos: the frozen EfficientNet-Lite0's
-    last two taps (112 + 320 channels), average-pooled, at the training resolution (cheap: a
-    few seconds for thousands of 64 px photos). Each half unit-normalised, so both count."""
+    """N x 432 instance features (`pooled_features`) of uint8 N x 3 x H x W photos, at the
+    training resolution (cheap: a few seconds for thousands of 64 px photos)."""
     net = FrozenFeatures()
-    out = []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].float().div(127.5).sub(1.0)
-        x = net.stem(x)
-        taps = []
-        for j, block in enumerate(net.blocks):
-            x = block(x)
-            if j in _TAPS[2:]:
-                taps.append(F.normalize(x.mean(dim=(2, 3)), dim=1))
-        out.append(torch.cat(taps, dim=1))
+    out = [pooled_features(net.taps(images[i:i + batch].float().div(127.5).sub(1.0)))
+           for i in range(0, len(images), batch)]
     return torch.cat(out)

@@ -87,6 +87,10 @@ class TrainConfig:
     lecam: float | None = option(None, "weight of LeCam regularisation in D's loss (Tseng et al. 2021: D's outputs "
                                  "on reals pulled towards the moving average of its outputs on fakes and vice "
                                  "versa); 0 = off (default: the model's recipe, else 0)")
+    feature_mmd: float | None = option(None, "weight of a term in G's loss: the MMD between the fake and the real "
+                                       "batch's pooled pretrained features (D's frozen feature net), which pushes "
+                                       "apart fakes closer to each other than photos are; 0 = off (default: the "
+                                       "model's recipe, else 0)")
     cond_start_kimg: float | None = option(None, "transitional conditioning: train unconditionally (no city signal "
                                            "in G or D) for this many thousand images (default: the model's recipe, "
                                            "else 0)")
@@ -141,14 +145,15 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "spectral", "lecam", "cond_start_kimg", "cond_full_kimg", "instance_k", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
+              "spectral", "lecam", "feature_mmd", "cond_start_kimg", "cond_full_kimg", "instance_k", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
               "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0,
-            "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+            "feature_mmd": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
+LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0,
+          "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
           "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 
 
@@ -167,6 +172,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   augment=values["augment"] or "", mirror=bool(values["mirror"]),
                   any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0),
                   spectral=float(values["spectral"] or 0.0), lecam=float(values["lecam"] or 0.0),
+                  feature_mmd=float(values["feature_mmd"] or 0.0),
                   cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
                   cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
                   d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
@@ -191,6 +197,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError(f"--spectral must be >= 0 (got {cfg.spectral})")
     if cfg.lecam < 0:
         raise NeighbourhoodsError(f"--lecam must be >= 0 (got {cfg.lecam})")
+    if cfg.feature_mmd < 0:
+        raise NeighbourhoodsError(f"--feature-mmd must be >= 0 (got {cfg.feature_mmd})")
+    if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
+        raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: leave --feature-mmd at 0")
     if cfg.mode_seeking_space not in MS_SPACES:
         raise NeighbourhoodsError(f"unknown --mode-seeking-space {cfg.mode_seeking_space!r}: use "
                                   + " or ".join(MS_SPACES))

@@ -131,6 +131,26 @@ def spectral_loss(fake: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.log(radial_spectrum(fake) + eps) - torch.log(target.to(fake.device) + eps)).square().mean()
 
 
+def feature_mmd(fake: torch.Tensor, real: torch.Tensor, scales: tuple[float, ...] = (0.25, 1.0, 4.0)) -> torch.Tensor:
+    """Squared maximum mean discrepancy (Gretton et al. 2012; as a generator's loss, Li et al.
+    2015) between a fake and a real batch of pooled pretrained features (N x F), unbiased: the
+    fakes' mean kernel among themselves, minus twice their mean kernel with the reals, plus the
+    reals' among themselves. Its gradient pulls fakes towards the photos *and* pushes fakes that
+    sit closer to each other than photos do apart, so a batch that draws one house pays for it.
+    Gaussian kernels at `scales` x the batch's median squared distance (detached)."""
+    x, y = fake.float(), real.float()
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        return x.new_zeros(())
+    z = torch.cat([x, y])
+    d2 = torch.cdist(z, z).square()
+    median = d2.detach()[~torch.eye(n + m, dtype=torch.bool, device=d2.device)].median().clamp(min=1e-6)
+    k = sum(torch.exp(-d2 / (s * median)) for s in scales)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    off = lambda a, size: (a.sum() - a.diagonal().sum()) / (size * (size - 1))   # noqa: E731
+    return off(kxx, n) - 2 * kxy.mean() + off(kyy, m)
+
+
 LECAM_DECAY = 0.99   # the anchors' EMA decay (Tseng et al.)
 
 
@@ -153,8 +173,8 @@ def lecam_term(real_logits, fake_logits, anchors: list[float]) -> torch.Tensor:
 
 @dataclass
 class GANLoss:
-    """An adversarial loss with DiffAugment (and an optional blur) before D and an optional
-    mode-seeking term for G."""
+    """An adversarial loss with DiffAugment (and an optional blur) before D, and optional terms:
+    mode seeking, spectral and feature MMD for G, LeCam for D."""
     kind: str               # "bce" (non-saturating), "hinge" or "rpgan" (relativistic pairing, R3GAN)
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
@@ -162,6 +182,7 @@ class GANLoss:
     blur_sigma: float = 0.0  # Gaussian blur of every image D sees, in pixels; the loop fades it per step
     spectral: float = 0.0   # weight of the spectral term in G's loss (0 = off)
     lecam: float = 0.0      # weight of LeCam regularisation in D's loss (0 = off)
+    feature_mmd: float = 0.0   # weight of the MMD of pooled pretrained features in G's loss (0 = off)
     spectrum: torch.Tensor | None = None   # ...and its target, the photos' radial spectrum (photos_spectrum)
 
     def aug(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,15 +210,22 @@ class GANLoss:
     def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor,
                   fake_cond: dict | None = None, real: torch.Tensor | None = None,
                   labels: torch.Tensor | None = None, real_cond: dict | None = None) -> torch.Tensor:
-        """G's loss; `real`, `labels`, `real_cond`: the batch the fakes pair with (rpgan only,
-        which judges them again with the updated D, as R3GAN's generator phase does)."""
-        real_logits = None
-        if self.kind == "rpgan":
+        """G's loss; `real`, `labels`, `real_cond`: the batch the fakes pair with (rpgan, which
+        judges them again with the updated D, as R3GAN's generator phase does; and the feature
+        MMD, which compares the fakes' pooled features with theirs)."""
+        pooled = {"pooled": True} if self.feature_mmd else {}   # D returns (logits, pooled features)
+        real_logits = real_features = None
+        if self.kind == "rpgan" or self.feature_mmd:
             with torch.no_grad():
-                real_logits = D(self.aug(real), labels, **(real_cond or {}))
-        loss = g_loss(self.kind, D(self.aug(fake), fake_labels, **(fake_cond or {})), real_logits)
+                real_out = D(self.aug(real), labels, **(real_cond or {}), **pooled)
+            real_logits, real_features = real_out if pooled else (real_out, None)
+        fake_out = D(self.aug(fake), fake_labels, **(fake_cond or {}), **pooled)
+        fake_logits, fake_features = fake_out if pooled else (fake_out, None)
+        loss = g_loss(self.kind, fake_logits, real_logits)
         if self.mode_seeking:
             loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space)
         if self.spectral:
             loss = loss + self.spectral * spectral_loss(fake, self.spectrum)
+        if self.feature_mmd:
+            loss = loss + self.feature_mmd * feature_mmd(fake_features, real_features)
         return loss
