@@ -625,6 +625,17 @@ def test_a_run_from_before_mode_seeking_resumes_without_it(toy_ws):
     assert json.loads((run / "config.json").read_text())["mode_seeking"] == 0.0
 
 
+def resumes_exactly(ws, name: str, **options) -> tuple[Path, Path]:
+    """A run with `options` trained whole and in two parts (the second resumed, so it takes the
+    options from its config.json) ends bit-for-bit the same; returns (resumed run, run without)."""
+    whole = train(ws, resume_config("projected", run=f"{name}-whole", kimg=0.032, **options))
+    train(ws, resume_config("projected", run=f"{name}-part", kimg=0.016, **options))
+    part = train(ws, resume_config("projected", run=f"{name}-part", kimg=0.032, resume=True))
+    for net in ("G", "G_ema", "D"):
+        assert_same_weights(weights(whole, net), weights(part, net))
+    return part, train(ws, resume_config("projected", run=f"{name}-off", kimg=0.032))
+
+
 # --- the spectral term (Durall et al. 2020) ---------------------------------------------------------
 def test_radial_spectrum_is_flat_for_white_noise_and_falls_for_a_blurred_image():
     noise = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -659,13 +670,8 @@ def test_the_spectral_term_is_off_by_default_checked_and_a_run_with_it_resumes_e
     assert train_mod.resolve_config(TrainConfig(model="projected")).spectral == 0.0
     with pytest.raises(NeighbourhoodsError, match="--spectral must be >= 0"):
         train_mod.resolve_config(TrainConfig(spectral=-1.0))
-    whole = train(toy_ws, resume_config("projected", run="spectral-whole", kimg=0.032, spectral=1.0))
-    train(toy_ws, resume_config("projected", run="spectral-part", kimg=0.016, spectral=1.0))
-    part = train(toy_ws, resume_config("projected", run="spectral-part", kimg=0.032, resume=True))   # the run's value
-    plain = train(toy_ws, resume_config("projected", run="spectral-off", kimg=0.032))
-    for net in ("G", "G_ema", "D"):
-        assert_same_weights(weights(whole, net), weights(part, net))
-    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "G").values(), weights(plain, "G").values()))
+    part, plain = resumes_exactly(toy_ws, "spectral", spectral=1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(weights(part, "G").values(), weights(plain, "G").values()))
     assert json.loads((part / "config.json").read_text())["spectral"] == 1.0
 
 
@@ -684,13 +690,8 @@ def test_lecam_pulls_reals_towards_the_fakes_anchor_and_moves_the_anchors():
 
 
 def test_a_run_with_lecam_resumes_exactly_and_its_anchors_are_saved(toy_ws):
-    whole = train(toy_ws, resume_config("projected", run="lecam-whole", kimg=0.032, lecam=0.3))
-    train(toy_ws, resume_config("projected", run="lecam-part", kimg=0.016, lecam=0.3))
-    part = train(toy_ws, resume_config("projected", run="lecam-part", kimg=0.032, resume=True))
-    plain = train(toy_ws, resume_config("projected", run="lecam-off", kimg=0.032))
-    for net in ("G", "G_ema", "D"):
-        assert_same_weights(weights(whole, net), weights(part, net))
-    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "D").values(), weights(plain, "D").values()))
+    part, plain = resumes_exactly(toy_ws, "lecam", lecam=0.3)
+    assert any(not torch.equal(a, b) for a, b in zip(weights(part, "D").values(), weights(plain, "D").values()))
     folder, _ = runs.latest_checkpoint(part)
     anchors = torch.load(folder / "state.pt", weights_only=True)["lecam_anchors"]
     assert len(anchors) == 2 and anchors[0] != 0.0 and anchors[1] != 0.0
@@ -745,13 +746,8 @@ def test_feature_mmd_is_off_by_default_checked_and_a_run_with_it_resumes_exactly
         train_mod.resolve_config(TrainConfig(feature_mmd=-1.0))
     with pytest.raises(NeighbourhoodsError, match="no pretrained feature net"):
         train_mod.resolve_config(TrainConfig(model="dcgan", feature_mmd=1.0))
-    whole = train(toy_ws, resume_config("projected", run="mmd-whole", kimg=0.032, feature_mmd=1.0))
-    train(toy_ws, resume_config("projected", run="mmd-part", kimg=0.016, feature_mmd=1.0))
-    part = train(toy_ws, resume_config("projected", run="mmd-part", kimg=0.032, resume=True))   # the run's value
-    plain = train(toy_ws, resume_config("projected", run="mmd-off", kimg=0.032))
-    for net in ("G", "G_ema", "D"):
-        assert_same_weights(weights(whole, net), weights(part, net))
-    assert any(not torch.equal(a, b) for a, b in zip(weights(whole, "G").values(), weights(plain, "G").values()))
+    part, plain = resumes_exactly(toy_ws, "mmd", feature_mmd=1.0)
+    assert any(not torch.equal(a, b) for a, b in zip(weights(part, "G").values(), weights(plain, "G").values()))
     assert json.loads((part / "config.json").read_text())["feature_mmd"] == 1.0
 
 

@@ -12,10 +12,10 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
   upsample-and-add fusion across scales (CSM), each scale judged by its own small trainable
   head (spectral-norm convs, patch logits). Conditioning by projection (Miyato & Koyama
   2018): each head's logit is a plain linear term plus <embed(city), features>.
-  The feature net sees the image at its native resolution (64x64 costs 12x less than the
-  224x224 the net was trained at), enlarged (bilinear, by whole octaves) where its shorter
-  side is below `feature_min_side`: a net shown 64 px cannot see the fine artefacts Inception
-  sees in the enlarged image (docs/model.md); `feature_res` scales that size further (ablations).
+  The feature net sees the image at its own size, enlarged (bilinear, by whole octaves) where
+  its shorter side is below `feature_min_side`, far below the 224x224 the net was trained at
+  (128x128 costs 3x less): a net shown 64 px cannot see the fine artefacts Inception sees in
+  the enlarged image (docs/model.md); `feature_res` scales that size further (ablations).
 - Training adds a mode-seeking term to G's loss (MSGAN; train.py, TRAIN_DEFAULTS below):
   without it every seed of a city drew the same house (docs/model.md has the measurements).
 - Optional instance conditioning (IC-GAN; `--instance-k`, off by default: measured no gain at
