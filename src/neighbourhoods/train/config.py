@@ -191,14 +191,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("--kimg and --minutes must be positive")
     if cfg.kimg is None and cfg.minutes is None:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
-    if cfg.mode_seeking < 0:
-        raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
-    if cfg.spectral < 0:
-        raise NeighbourhoodsError(f"--spectral must be >= 0 (got {cfg.spectral})")
-    if cfg.lecam < 0:
-        raise NeighbourhoodsError(f"--lecam must be >= 0 (got {cfg.lecam})")
-    if cfg.feature_mmd < 0:
-        raise NeighbourhoodsError(f"--feature-mmd must be >= 0 (got {cfg.feature_mmd})")
+    for weight in ("mode_seeking", "spectral", "lecam", "feature_mmd"):   # the loss terms' weights
+        if getattr(cfg, weight) < 0:
+            raise NeighbourhoodsError(f"--{weight.replace('_', '-')} must be >= 0 (got {getattr(cfg, weight)})")
     if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: leave --feature-mmd at 0")
     if cfg.mode_seeking_space not in MS_SPACES:
