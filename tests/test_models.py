@@ -167,6 +167,23 @@ def test_the_feature_net_sees_small_images_enlarged_by_octaves_to_its_minimum_si
     assert shapes == [seen] and logits.shape[0] == 2
 
 
+def test_minibatch_std_lets_d_see_how_varied_a_batch_is():
+    # a sample's logit depends on the other images of its group with d_mbstd, and not without it
+    torch.manual_seed(0)
+    x, labels = torch.rand(8, 3, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long)
+    same = x.clone()
+    same[2::2] = x[0]                      # groups are strided, as StyleGAN's: images 0, 2, 4, 6 all image 0
+    for mbstd, depends in ((4, True), (0, False)):
+        torch.manual_seed(1)
+        _, D = projected.build(num_classes=1, res=(32, 32), g_max_channels=16, g_min_channels=8, d_head_width=8,
+                               d_mbstd=mbstd)
+        with torch.no_grad():
+            a, b = D.eval()(x, labels), D(same, labels)
+        assert torch.equal(a[1::2], b[1::2])   # the other group is untouched either way
+        assert (not torch.allclose(a[0], b[0])) == depends
+    assert projected.MinibatchStd(4)(torch.zeros(6, 2, 3, 3)).shape == (6, 3, 3, 3)   # 6 images: groups of 2
+
+
 def test_frozen_mixing_is_the_same_for_every_discriminator():
     a = projected.FrozenFeatures()
     b = projected.FrozenFeatures()

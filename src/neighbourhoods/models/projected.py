@@ -346,12 +346,33 @@ class FrozenFeatures(nn.Module):
         return out
 
 
+class MinibatchStd(nn.Module):
+    """StyleGAN's minibatch standard deviation: one extra channel holding how much the features
+    vary across each group of `group` images, so D can tell a batch of one house from a batch of
+    many (Karras et al., ICLR 2018). Real and fake batches reach D separately (train/loss.py), so
+    a group never mixes the two."""
+
+    def __init__(self, group: int):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = math.gcd(self.group, n)   # a group size that divides the batch (a short last batch included);
+        # groups are strided (images i, i + n/g, ...), as StyleGAN's
+        y = x.float().reshape(g, n // g, c, h, w)
+        y = (y.var(dim=0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))   # one figure per group
+        y = y.to(x.dtype).reshape(1, n // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(n, 1, h, w)
+        return torch.cat([x, y], dim=1)
+
+
 class ProjectionHead(nn.Module):
     """One scale's discriminator: strided SN convs down to <= 4 px, then patch logits with a
-    class-projection term."""
+    class-projection term; `mbstd` > 0 adds a minibatch-std channel (groups of that size) before
+    the last conv."""
 
     def __init__(self, c_in: int, spatial: tuple[int, int], num_classes: int, width: int = 128,
-                 cmap_dim: int = 64, batchnorm: bool = True, instance_dim: int = 0):
+                 cmap_dim: int = 64, batchnorm: bool = True, instance_dim: int = 0, mbstd: int = 0):
         super().__init__()
         layers: list[nn.Module] = []
         c, (h, w) = c_in, spatial
@@ -360,7 +381,9 @@ class ProjectionHead(nn.Module):
             layers += [spectral_norm(nn.Conv2d(c, c_next, 4, stride=2, padding=1, bias=not batchnorm)),
                        nn.BatchNorm2d(c_next) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2)]
             c, h, w = c_next, (h + 1) // 2, (w + 1) // 2
-        layers += [spectral_norm(nn.Conv2d(c, width, 3, padding=1)), nn.LeakyReLU(0.2)]
+        if mbstd:
+            layers.append(MinibatchStd(mbstd))
+        layers += [spectral_norm(nn.Conv2d(c + (1 if mbstd else 0), width, 3, padding=1)), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(*layers)
         self.out = spectral_norm(nn.Conv2d(width, 1, 1))
         self.cmap = spectral_norm(nn.Conv2d(width, cmap_dim, 1))
@@ -382,7 +405,7 @@ class ProjectedDiscriminator(nn.Module):
     """(images in [-1, 1], city) -> N x P patch logits from all four scales."""
 
     def __init__(self, num_classes: int, res: tuple[int, int], head_width: int = 128, feature_res: float = 1.0,
-                 batchnorm: bool = True, instance_dim: int = 0, feature_min_side: int = 0):
+                 batchnorm: bool = True, instance_dim: int = 0, feature_min_side: int = 0, mbstd: int = 0):
         super().__init__()
         self.res = tuple(res)
         # the feature net's input: enlarged by whole octaves until its shorter side is >= feature_min_side
@@ -394,7 +417,7 @@ class ProjectedDiscriminator(nn.Module):
             probe = self.feature_net(torch.zeros(1, 3, *self._feature_size()))
         self.heads = nn.ModuleList(
             ProjectionHead(f.shape[1], tuple(f.shape[-2:]), num_classes, width=head_width, batchnorm=batchnorm,
-                           instance_dim=instance_dim)
+                           instance_dim=instance_dim, mbstd=mbstd)
             for f in probe)
         self.cond_scale = 1.0   # weight of the class-projection term (transitional conditioning)
 
@@ -422,16 +445,17 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
           g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
           instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
           g_convs: list[int] | None = None, g_grown: bool = False,
-          g_grow_octaves: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
+          g_grow_octaves: int = 0, d_mbstd: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `instances` > 0:
-    instance-conditioned, with a bank of that many `instance_dim` features in G."""
+    instance-conditioned, with a bank of that many `instance_dim` features in G; `d_mbstd` > 0:
+    a minibatch-std channel in each of D's heads, over groups of that many images."""
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
                         g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim,
                         g_cond_from=g_cond_from, g_channels=g_channels, g_convs=g_convs, g_grown=g_grown,
                         g_grow_octaves=g_grow_octaves)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
                                batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0,
-                               feature_min_side=feature_min_side)
+                               feature_min_side=feature_min_side, mbstd=d_mbstd)
     return G, D
 
 
@@ -439,7 +463,8 @@ def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_
                     g_min_channels: int = 16, d_head_width: int = 128, feature_res: float = 1.0,
                     feature_min_side: int = 0, g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
                     instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
-                    g_convs: list[int] | None = None, g_grown: bool = False, g_grow_octaves: int = 0) -> Generator:
+                    g_convs: list[int] | None = None, g_grown: bool = False, g_grow_octaves: int = 0,
+                    d_mbstd: int = 0) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
                      cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim, cond_from=g_cond_from,
