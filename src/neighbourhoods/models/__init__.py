@@ -17,6 +17,8 @@ A model module may define, beside `build`:
     INSTANCE_CONDITIONING = True        build takes instances=N, instance_dim=d; G holds the bank
                                         (G.instances), G(z, labels, instances=rows), D(x, labels,
                                         instances=features); instance_features(uint8 NCHW) -> N x F
+    LAYOUTS = True                      build takes layouts=K, layout_dim=d; G holds a LayoutPrior
+                                        (G.layouts) and G(z, labels, layouts=N x 3 x h x w)
     POOLED_FEATURES = True              D(x, labels, pooled=True) -> (logits, N x F pretrained features)
     grown_kwargs(res, kwargs) -> kwargs G's builder arguments at 2 x res, grown from a run at res
     load_grown(G, state_dict)           load that run's G weights into the grown G (train/grow.py)
@@ -99,6 +101,11 @@ def supports_cond_scale(model_name: str) -> bool:
 def supports_instances(model_name: str) -> bool:
     """Whether the model takes instance conditioning (IC-GAN): see train/instances.py."""
     return bool(getattr(_module(model_name), "INSTANCE_CONDITIONING", False))
+
+
+def supports_layouts(model_name: str) -> bool:
+    """Whether the model's G can draw on layouts from a fitted prior (train --layouts; train/layouts.py)."""
+    return bool(getattr(_module(model_name), "LAYOUTS", False))
 
 
 def supports_pooled_features(model_name: str) -> bool:

@@ -21,6 +21,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
 - Optional instance conditioning (IC-GAN; `--instance-k`, off by default: measured no gain at
   CPU budgets, docs/model.md): G holds a bank of the training photos' features (InstanceBank)
   and draws "a house like this one"; D's projection adds the instance feature's term.
+- Layouts from the photos (`--layouts K`; LayoutPrior, train/layouts.py): G holds a Gaussian
+  mixture of the training photos' coarse layouts (8x8 at 64x64) and draws every sample on one,
+  chosen by its latent and city, so a city's seeds differ as its photos' layouts do.
 - Growing by an octave (train --grow-from, train/grow.py): `grown_kwargs` spells out a G one
   level taller than a trained run's (its layout plus one top block), `load_grown` loads that
   run's weights below it, and G's `fade` buffer blends the old image into the new block's.
@@ -82,6 +85,7 @@ _TAP_CHANNELS = (24, 40, 112, 320)
 MIN_LEVELS, MAX_BASE_SIDE = 2, None
 TRANSITIONAL_CONDITIONING = True   # G and D weight the city signal by their `cond_scale`
 INSTANCE_CONDITIONING = True       # G and D also take an instance feature (IC-GAN); see instance_features
+LAYOUTS = True                     # G can draw on layouts from a LayoutPrior (build's layouts=K)
 POOLED_FEATURES = True             # D(x, labels, pooled=True) also returns pooled_features (feature MMD)
 
 
@@ -170,6 +174,52 @@ class InstanceBank(nn.Module):
         return self.start[labels] + torch.minimum((u * count).long(), count - 1)
 
 
+class LayoutPrior(nn.Module):
+    """A density model of the training photos' coarse layouts, saved with G's weights.
+
+    A layout is a photo averaged down to G's first upsampled level (8x8 at 64x64, 6x8 at
+    96x128): where sky, walls, roof, lawn and drive sit, and their colours. Fitted at the start
+    of training (train/layouts.py): PCA to `dim` numbers, then a Gaussian mixture of
+    `components` full-covariance Gaussians there, with mixture weights of each class's own.
+    G draws every sample on top of one layout, so which house a seed gets comes from the
+    photos' own variety, not from whatever few houses G would find by itself (docs/model.md:
+    "Layouts from the photos"). A sample's layout is a pure function of its latent and city:
+    u = Phi(z . v) picks the component from the city's cumulative weights, and eps = z P
+    (P orthonormal and orthogonal to v, so eps ~ N(0, I) and independent of u) places it in
+    the Gaussian: layout = mean + basis^T (mu_k + L_k eps). Each city shifts u and flips the
+    signs of eps its own fixed way (neither changes their distributions), so one seed draws
+    unrelated layouts in two cities instead of the same house tinted.
+    """
+
+    def __init__(self, num_classes: int, components: int, dim: int, size: tuple[int, int], z_dim: int):
+        super().__init__()
+        dim = min(dim, z_dim - 1)   # eps and u need dim + 1 orthogonal directions of the latent
+        self.size = tuple(size)
+        flat = 3 * size[0] * size[1]
+        self.register_buffer("mean", torch.zeros(flat))
+        self.register_buffer("basis", torch.zeros(dim, flat))
+        self.register_buffer("means", torch.zeros(components, dim))
+        self.register_buffer("chol", torch.zeros(components, dim, dim))
+        self.register_buffer("cdf", torch.ones(num_classes, components))   # per class, cumulative
+        q, _ = torch.linalg.qr(torch.randn(z_dim, dim + 1, generator=torch.Generator().manual_seed(2)))
+        self.register_buffer("direction", q[:, 0].contiguous())
+        self.register_buffer("projection", q[:, 1:].contiguous())
+        g = torch.Generator().manual_seed(3)
+        self.register_buffer("shift", torch.rand(num_classes, generator=g))
+        self.register_buffer("signs", torch.randint(0, 2, (num_classes, dim), generator=g).float() * 2 - 1)
+
+    def sample(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """N x 3 x h x w layouts in [-1, 1] for latents z and classes `labels`."""
+        z = z.float()
+        # Phi spelled with erf: ONNX has erf and no ndtr
+        u = torch.remainder(0.5 * (1.0 + torch.erf(z @ self.direction / math.sqrt(2.0))) + self.shift[labels], 1.0)
+        k = (self.cdf[labels] < u[:, None]).sum(dim=1).clamp(max=self.means.shape[0] - 1)
+        eps = (z @ self.projection) * self.signs[labels]
+        p = self.means[k] + (self.chol[k] @ eps[:, :, None]).squeeze(2)
+        x = p @ self.basis + self.mean
+        return x.view(z.shape[0], 3, *self.size).clamp(-1.0, 1.0)
+
+
 def _pool_matrix(size: int) -> torch.Tensor:
     m = torch.zeros(4, size)
     for i in range(4):
@@ -210,6 +260,16 @@ class SkipLayerExcitation(nn.Module):
         return high * self.net(low)
 
 
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    """x averaged down (by a whole factor) or bilinearly enlarged to `size`."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if size[0] < x.shape[-2]:
+        return F.avg_pool2d(x, x.shape[-2] // size[0])
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 class Generator(nn.Module):
     """(z, city) -> N x 3 x H x W image in [-1, 1]."""
 
@@ -217,7 +277,7 @@ class Generator(nn.Module):
                  max_channels: int = 256, min_channels: int = 16, cond_bn: bool = True,
                  instances: int = 0, instance_dim: int = 64, cond_from: int = 0,
                  channels: list[int] | None = None, convs: list[int] | None = None, grown: bool = False,
-                 grow_octaves: int = 0):
+                 grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1):
         super().__init__()
         self.z_dim = z_dim
         # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
@@ -257,6 +317,15 @@ class Generator(nn.Module):
                                                                                  self.base[1] * 2 ** i))
                                   for i in range(1, levels - 1)})
         self.to_rgb = nn.Conv2d(ch[-1], 3, 3, padding=1)
+        # Layouts (LayoutPrior): every level also sees the sample's layout (a 1x1 conv of it, resized
+        # to the level), and the image is drawn as a residual on the layout enlarged, so a seed's
+        # house starts from a layout the photos have and G adds what the layout cannot hold.
+        # `layout_level`: the G level whose size the layouts have (1 = after the first upsampling block)
+        if layouts and not 1 <= layout_level <= levels:
+            raise ValueError(f"layout_level must be 1..{levels} at {res[0]}x{res[1]} (got {layout_level})")
+        size = (self.base[0] * 2 ** layout_level, self.base[1] * 2 ** layout_level)
+        self.layouts = LayoutPrior(num_classes, layouts, layout_dim, size, z_dim) if layouts else None
+        self.layout_in = nn.ModuleList(nn.Conv2d(3, c, 1) for c in ch) if layouts else None
         # A grown G keeps its smaller run's to_rgb one level down and fades from its (nearest-
         # upsampled) image to the new top block's: `fade` 0 -> 1 over training, a buffer so every
         # loader and export samples at the strength the checkpoint trained at (progressive GANs).
@@ -267,9 +336,12 @@ class Generator(nn.Module):
         # may fade it in from 0 (unconditional); a plain attribute the loop and loaders set, not a weight.
         self.cond_scale = 1.0
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor, instances: torch.Tensor | None = None,
+                layouts: torch.Tensor | None = None) -> torch.Tensor:
         """`instances`: rows of the instance bank to condition on (training passes them); None
-        picks one of the city's own from z, so a sample still depends only on (z, city)."""
+        picks one of the city's own from z, so a sample still depends only on (z, city).
+        `layouts`: N x 3 x h x w layouts to draw on (training passes the ones its loss checks);
+        None draws them from the LayoutPrior by (z, city)."""
         e = self.embed(labels)
         if self.instances is not None:
             rows = self.instances.pick(z, labels) if instances is None else instances
@@ -280,14 +352,23 @@ class Generator(nn.Module):
         # the channel count spelled out (not -1): an exported graph (ONNX) must know BatchNorm's width
         x = self.fc(torch.cat([z, e0], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
         x = F.glu(self.fc_norm(x, e0), dim=1)
+        layout = None
+        if self.layouts is not None:
+            layout = (self.layouts.sample(z, labels) if layouts is None else layouts).to(x.dtype)
+            x = x + self.layout_in[0](_resize(layout, x.shape[-2:]))
         feats = [x]
         for i, block in enumerate(self.blocks):
             x = block(x, e if i + 1 >= self.cond_from else none)
             level = str(i + 1)
             if level in self.sle:
                 x = self.sle[level](x, feats[i - 1])
+            if layout is not None:
+                x = x + self.layout_in[i + 1](_resize(layout, x.shape[-2:]))
             feats.append(x)
         rgb = self.to_rgb(x)
+        if layout is not None:   # a residual on the layout, in tanh's own units (atanh, spelled for ONNX)
+            up = _resize(layout, rgb.shape[-2:]).clamp(-0.98, 0.98)
+            rgb = rgb + 0.5 * torch.log((1.0 + up) / (1.0 - up))
         if self.to_rgb_prev is not None:
             prev = F.interpolate(self.to_rgb_prev(feats[-2]), scale_factor=2.0, mode="nearest")
             rgb = torch.lerp(prev, rgb, self.fade.to(rgb.dtype))
@@ -445,14 +526,18 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
           g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
           instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
           g_convs: list[int] | None = None, g_grown: bool = False,
-          g_grow_octaves: int = 0, d_mbstd: int = 0) -> tuple[Generator, ProjectedDiscriminator]:
+          g_grow_octaves: int = 0, d_mbstd: int = 0, layouts: int = 0,
+          layout_dim: int = 32, layout_level: int = 1) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `instances` > 0:
     instance-conditioned, with a bank of that many `instance_dim` features in G; `d_mbstd` > 0:
-    a minibatch-std channel in each of D's heads, over groups of that many images."""
+    a minibatch-std channel in each of D's heads, over groups of that many images; `layouts` > 0:
+    G draws on layouts from a LayoutPrior of that many components in `layout_dim` dimensions, at
+    the size of G's level `layout_level` (1: 8x8 at 64x64, 2: 16x16)."""
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
                         g_cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim,
                         g_cond_from=g_cond_from, g_channels=g_channels, g_convs=g_convs, g_grown=g_grown,
-                        g_grow_octaves=g_grow_octaves)
+                        g_grow_octaves=g_grow_octaves, layouts=layouts, layout_dim=layout_dim,
+                        layout_level=layout_level)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_res=feature_res,
                                batchnorm=d_batchnorm, instance_dim=instance_dim if instances else 0,
                                feature_min_side=feature_min_side, mbstd=d_mbstd)
@@ -464,11 +549,12 @@ def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_
                     feature_min_side: int = 0, g_cond_bn: bool = True, d_batchnorm: bool = True, instances: int = 0,
                     instance_dim: int = 64, g_cond_from: int = 0, g_channels: list[int] | None = None,
                     g_convs: list[int] | None = None, g_grown: bool = False, g_grow_octaves: int = 0,
-                    d_mbstd: int = 0) -> Generator:
+                    d_mbstd: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
                      cond_bn=g_cond_bn, instances=instances, instance_dim=instance_dim, cond_from=g_cond_from,
-                     channels=g_channels, convs=g_convs, grown=g_grown, grow_octaves=g_grow_octaves)
+                     channels=g_channels, convs=g_convs, grown=g_grown, grow_octaves=g_grow_octaves,
+                     layouts=layouts, layout_dim=layout_dim, layout_level=layout_level)
 
 
 # --- growing by an octave (train --grow-from; train/grow.py) --------------------------------------
@@ -486,7 +572,8 @@ def grown_kwargs(res: tuple[int, int], kwargs: dict) -> dict:
 
 def load_grown(G: Generator, small: dict[str, torch.Tensor]) -> None:
     """Load the smaller G's state dict into a grown G: every level kept, its to_rgb becoming
-    to_rgb_prev (the image faded out; a twice-grown run's own to_rgb_prev and fade are dropped).
+    to_rgb_prev (the image faded out; a twice-grown run's own to_rgb_prev and fade are dropped),
+    its layout prior kept (layouts are the size of a level counted from the base, which growing keeps).
     ValueError unless exactly the new top block (block, SLE, to_rgb, fade) is left as built."""
     state = {}
     for key, value in small.items():
@@ -494,7 +581,7 @@ def load_grown(G: Generator, small: dict[str, torch.Tensor]) -> None:
             continue
         state[key.replace("to_rgb.", "to_rgb_prev.", 1) if key.startswith("to_rgb.") else key] = value
     top = len(G.blocks)
-    new = (f"blocks.{top - 1}.", f"sle.{top}.", "to_rgb.")
+    new = (f"blocks.{top - 1}.", f"sle.{top}.", "to_rgb.", f"layout_in.{top}.")
     try:
         missing, unexpected = G.load_state_dict(state, strict=False)
     except RuntimeError as e:

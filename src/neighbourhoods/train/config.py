@@ -101,6 +101,13 @@ class TrainConfig:
                                     "of one of its k nearest same-city photos, and G draws from that feature, so "
                                     "samples vary as the city's photos do; 0 = off (default: the model's recipe, "
                                     "else 0)")
+    layouts: int | None = option(None, "draw every sample on a coarse layout (the photo averaged down to G's first "
+                                 "upsampled level) from a Gaussian mixture of this many components fitted to the "
+                                 "training photos' layouts, with each city's own weights, so seeds differ as the "
+                                 "photos do; 0 = off (default: the model's recipe, else 0)")
+    layout_weight: float | None = option(None, "weight of the term in G's loss that keeps each sample's coarse "
+                                         "layout on the one it was drawn on (mean squared error) (default: the "
+                                         "model's recipe, else 1)")
     city_init: str | None = option(None, "G's city embeddings at the start: random, or features = each city's "
                                    "photos' mean pretrained feature (StyleGAN-XL), so alike cities start alike "
                                    "(default: the model's recipe, else random)", choices=list(CITY_INITS))
@@ -145,15 +152,17 @@ class TrainConfig:
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "spectral", "lecam", "feature_mmd", "cond_start_kimg", "cond_full_kimg", "instance_k", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
+              "spectral", "lecam", "feature_mmd", "cond_start_kimg", "cond_full_kimg", "instance_k", "layouts",
+              "layout_weight", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
               "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0,
-            "feature_mmd": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+            "feature_mmd": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
+            "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
 LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0,
-          "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0,
+          "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
           "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 
 
@@ -175,6 +184,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   feature_mmd=float(values["feature_mmd"] or 0.0),
                   cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
                   cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
+                  layouts=int(values["layouts"] or 0), layout_weight=float(values["layout_weight"]),
                   d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
     cfg = TrainConfig(**values)
     if cfg.loss not in LOSSES:
@@ -191,7 +201,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("--kimg and --minutes must be positive")
     if cfg.kimg is None and cfg.minutes is None:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
-    for weight in ("mode_seeking", "spectral", "lecam", "feature_mmd"):   # the loss terms' weights
+    for weight in ("mode_seeking", "spectral", "lecam", "feature_mmd", "layout_weight"):   # the loss terms' weights
         if getattr(cfg, weight) < 0:
             raise NeighbourhoodsError(f"--{weight.replace('_', '-')} must be >= 0 (got {getattr(cfg, weight)})")
     if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
@@ -224,6 +234,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError(f"--instance-k must be >= 0 (got {cfg.instance_k})")
     if cfg.instance_k and not models.supports_instances(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no instance conditioning: leave --instance-k at 0")
+    if cfg.layouts < 0:
+        raise NeighbourhoodsError(f"--layouts must be >= 0 (got {cfg.layouts})")
+    if cfg.layouts and not models.supports_layouts(cfg.model):
+        raise NeighbourhoodsError(f"model {cfg.model!r} cannot draw on layouts: leave --layouts at 0")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     return cfg
@@ -252,6 +266,12 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
             from neighbourhoods.train.grow import grown_model_kwargs
             res = models.check_res(config.res, config.model)
             kwargs = grown_model_kwargs(ws, config.model, res, config.grow_from, kwargs)
+            # ...and so do its layouts: the source's prior, fitted once, grows with it
+            source = int(kwargs.get("layouts", 0))
+            if config.layouts is not None and config.layouts != source:
+                raise NeighbourhoodsError(f"--layouts {config.layouts} differs from run {config.grow_from!r}'s "
+                                          f"({source}): a grown G keeps its source's layouts; leave --layouts out")
+            config = replace(config, layouts=source)
         cfg = resolve_config(replace(config, model_kwargs=kwargs))
         cfg.run = name
         return run_dir, cfg, []

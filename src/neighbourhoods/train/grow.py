@@ -25,7 +25,8 @@ from neighbourhoods.models import runs
 
 # Builder arguments that shape G: a grown run takes them from its source, never from the caller.
 G_SHAPE_KEYS = ("z_dim", "g_max_channels", "g_min_channels", "g_cond_bn", "g_cond_from", "instances",
-                "instance_dim", "g_channels", "g_convs", "g_grown", "g_grow_octaves")
+                "instance_dim", "g_channels", "g_convs", "g_grown", "g_grow_octaves", "layouts", "layout_dim",
+                "layout_level")
 
 
 def grown_model_kwargs(ws: Workspace, model: str, res: Resolution, source: str, kwargs: dict) -> dict:

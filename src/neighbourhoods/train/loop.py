@@ -45,6 +45,7 @@ from neighbourhoods.train.data import BatchReader, TrainingData, load_training_d
 from neighbourhoods.train.distributed import Dist, autocast_dtype, pick_device
 from neighbourhoods.train.ema import ema_beta, standing_bn_stats, update_ema
 from neighbourhoods.train.instances import Instances, build_instances, city_embeddings
+from neighbourhoods.train.layouts import fit_layouts
 from neighbourhoods.train.logs import (
     Tick,
     deadline,
@@ -102,6 +103,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         run.instances = build_instances(cfg.model, data.split.images, data.split.rows, data.classes,
                                         len(data.class_names), cfg.instance_k, dim)
         run.model_kwargs.update(instances=len(data.split), instance_dim=dim)
+    if cfg.layouts:   # the layout prior's size; it is fitted below for a new run, restored on resume
+        run.model_kwargs.update(layouts=cfg.layouts, layout_dim=int(run.model_kwargs.get("layout_dim", 32)))
 
     # Construct networks and optimizers (identical init on every rank), then give each rank
     # its own noise and augmentation streams; rank 0 of a single process keeps `seed`.
@@ -113,7 +116,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
     loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space, spectral=cfg.spectral, lecam=cfg.lecam,
-                   feature_mmd=cfg.feature_mmd,
+                   feature_mmd=cfg.feature_mmd, layout_weight=cfg.layout_weight if cfg.layouts else 0.0,
                    spectrum=photos_spectrum(data.split.images, data.split.rows) if cfg.spectral else None)
     state = TrainState()
 
@@ -138,6 +141,12 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         say(cfg, dd.main, f"resuming {run_dir.name} at {state.images_seen:,} images ({folder.name})")
     elif cfg.resume and any(p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
         latest_checkpoint(run_dir)   # raises the clear "latest.json is missing" error
+    if fresh and cfg.layouts and not cfg.grow_from:   # a pure function of the data and seed: the same on every rank
+        prior = nets.G.layouts   # (a grown run takes its source's prior with the weights, below)
+        fit = fit_layouts(data.split.images, data.split.rows, data.classes, len(data.class_names),
+                          prior.size, cfg.layouts, prior.means.shape[1], seed=cfg.seed)
+        for G in (nets.G, nets.G_ema):
+            fit.load_into(G)
     if fresh and cfg.city_init == "features":   # each city starts at its photos' mean feature
         start_cities_from_photos(run, nets)
     if fresh and cfg.grow_from:    # a new grown run: the smaller run's G below the new top block
@@ -202,6 +211,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             # Sample fakes for the real photos' cities (in same-city pairs when mode seeking);
             # one G forward serves both updates, as in the reference DCGAN loop.
             fake_labels = loss.fake_labels(labels)
+            layouts = None
+            if cfg.layouts:   # the layouts the fakes are drawn on, which G's loss checks them against
+                layouts = nets.G.layouts.sample(z, fake_labels)
+                g_cond = {**g_cond, "layouts": layouts}
             with autocast():
                 fake = nets.G_train(z, fake_labels, **g_cond)
 
@@ -219,7 +232,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 p.requires_grad_(False)
             try:
                 with autocast():
-                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond, real, labels, real_cond)
+                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond, real, labels, real_cond, layouts)
                 nets.opt_g.zero_grad(set_to_none=True)
                 nets.scaler_g.scale(loss_g).backward()
                 nets.scaler_g.step(nets.opt_g)

@@ -151,6 +151,12 @@ def feature_mmd(fake: torch.Tensor, real: torch.Tensor, scales: tuple[float, ...
     return off(kxx, n) - 2 * kxy.mean() + off(kyy, m)
 
 
+def layout_loss(fake: torch.Tensor, layouts: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between each fake averaged down to its layout's size and that
+    layout (train/layouts.py): G may add any detail, but the coarse picture stays the one drawn."""
+    return (F.adaptive_avg_pool2d(fake.float(), layouts.shape[-2:]) - layouts.float()).square().mean()
+
+
 LECAM_DECAY = 0.99   # the anchors' EMA decay (Tseng et al.)
 
 
@@ -184,6 +190,7 @@ class GANLoss:
     lecam: float = 0.0      # weight of LeCam regularisation in D's loss (0 = off)
     feature_mmd: float = 0.0   # weight of the MMD of pooled pretrained features in G's loss (0 = off)
     spectrum: torch.Tensor | None = None   # ...and its target, the photos' radial spectrum (photos_spectrum)
+    layout_weight: float = 0.0   # weight of the layout term in G's loss (fakes drawn on layouts; 0 = off)
 
     def aug(self, x: torch.Tensor) -> torch.Tensor:
         x = gaussian_blur(x, self.blur_sigma)
@@ -209,10 +216,12 @@ class GANLoss:
 
     def generator(self, D: nn.Module, fake: torch.Tensor, fake_labels: torch.Tensor, z: torch.Tensor,
                   fake_cond: dict | None = None, real: torch.Tensor | None = None,
-                  labels: torch.Tensor | None = None, real_cond: dict | None = None) -> torch.Tensor:
+                  labels: torch.Tensor | None = None, real_cond: dict | None = None,
+                  layouts: torch.Tensor | None = None) -> torch.Tensor:
         """G's loss; `real`, `labels`, `real_cond`: the batch the fakes pair with (rpgan, which
         judges them again with the updated D, as R3GAN's generator phase does; and the feature
-        MMD, which compares the fakes' pooled features with theirs)."""
+        MMD, which compares the fakes' pooled features with theirs). `layouts`: the layouts the
+        fakes were drawn on (train --layouts)."""
         pooled = {"pooled": True} if self.feature_mmd else {}   # D returns (logits, pooled features)
         real_logits = real_features = None
         if self.kind == "rpgan" or self.feature_mmd:
@@ -228,4 +237,6 @@ class GANLoss:
             loss = loss + self.spectral * spectral_loss(fake, self.spectrum)
         if self.feature_mmd:
             loss = loss + self.feature_mmd * feature_mmd(fake_features, real_features)
+        if self.layout_weight and layouts is not None:
+            loss = loss + self.layout_weight * layout_loss(fake, layouts)
         return loss
