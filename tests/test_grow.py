@@ -94,6 +94,15 @@ def test_a_grown_run_trains_samples_and_says_what_it_grew(ws, small, capsys):
     for key in ("fc.weight", "blocks.0.convs.0.weight", "embed.weight"):
         assert torch.equal(start[key], small_ema[key])
     assert torch.equal(start["to_rgb_prev.weight"], small_ema["to_rgb.weight"])
+    # the default recipe's layouts grow with it: the source's prior, not a new fit
+    assert config["layouts"] == 16 and kwargs["layouts"] == 16
+    for key in ("layouts.means", "layouts.chol", "layouts.cdf", "layout_in.1.weight"):
+        assert torch.equal(start[key], small_ema[key])
+
+
+def test_a_grown_run_keeps_its_sources_layouts(ws, small):
+    with pytest.raises(NeighbourhoodsError, match=r"--layouts 0 differs from run 'small'.s \(16\)"):
+        train(ws, grown(run="grown-nolayouts", layouts=0))
 
 
 def test_a_grown_run_resumes_exactly(ws, small):

@@ -70,6 +70,9 @@ TRAIN_DEFAULTS = {
     # feature_min_side 96: D's feature net sees a 64 px image at 128 px (KID 0.024 against 0.056 at
     # 64 px, docs/model.md), 48x64 at 96x128, 96x128 and up as they are
     "model_kwargs": {"g_cond_from": 1, "feature_min_side": 96},
+    # every sample drawn on a layout from a 16-component mixture of the photos' 8x8 layouts: the grid is
+    # no longer one house per city; KID and recall tie, precision and per-city KID gain (docs/model.md)
+    "layouts": 16,
     "any_city_p": 0.0,       # untested beyond a smoke run; the (any city) class gets the small cities only
     "batch": 32,             # at CPU budgets (~10-30k images) twice the updates of 64 matter more than smoother gradients
 }
