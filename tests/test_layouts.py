@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_instances import config as instances_config
 from test_train import one_thread  # noqa: F401 (autouse: tiny nets run on one thread)
 from toy_run import make_toy_workspace
 
@@ -30,11 +31,8 @@ def toy_ws(tmp_path_factory) -> Path:
 
 
 def config(**overrides) -> TrainConfig:
-    cfg = TrainConfig(model="projected", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY,
-                      layouts=3, augment="color,translation,cutout", mirror=True, ema_kimg=0.01,
-                      snapshot_every=16, sample_every=16, tick_every=8, grid_rows=4, grid_seeds=3,
-                      bn_stat_images=16, progress=False)
-    return replace(cfg, **overrides)
+    """test_instances' tiny run, drawn on layouts instead of instances."""
+    return replace(instances_config(instance_k=0, model_kwargs=TINY), **{"layouts": 3, **overrides})
 
 
 def two_kinds_of_photo(n: int = 40) -> tuple[np.ndarray, np.ndarray]:

@@ -366,11 +366,12 @@ class Generator(nn.Module):
             if level in self.sle:
                 x = self.sle[level](x, feats[i - 1])
             if layout is not None:
-                x = x + self.layout_in[i + 1](_resize(layout, x.shape[-2:]))
+                up = _resize(layout, x.shape[-2:])   # at the top level: the image's size, reused below
+                x = x + self.layout_in[i + 1](up)
             feats.append(x)
         rgb = self.to_rgb(x)
         if layout is not None:   # a residual on the layout, in tanh's own units (atanh, spelled for ONNX)
-            up = _resize(layout, rgb.shape[-2:]).clamp(-0.98, 0.98)
+            up = up.clamp(-0.98, 0.98)
             rgb = rgb + 0.5 * torch.log((1.0 + up) / (1.0 - up))
         if self.to_rgb_prev is not None:
             prev = F.interpolate(self.to_rgb_prev(feats[-2]), scale_factor=2.0, mode="nearest")

@@ -18,6 +18,13 @@ from neighbourhoods.core.workspace import Workspace
 from neighbourhoods.models.runs import ANY_CITY
 
 
+def photo_batches(images: np.ndarray, rows: np.ndarray, batch: int = 512):
+    """The photos images[rows] (uint8 N x H x W x 3, e.g. a memory map) in chunks of `batch`, as
+    float N x 3 x H x W tensors in [-1, 1]: for whole-dataset statistics computed at a run's start."""
+    for i in range(0, len(rows), batch):
+        yield torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def class_map(label_names: list[str], labels: np.ndarray, min_city_photos: int,
               always_any: bool = False) -> tuple[list[str], np.ndarray, list[str]]:
     """(class_names, class of each photo, merged city names).

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from neighbourhoods.train.data import photo_batches
+
 SMOOTHING_PHOTOS = 8.0   # a class's weights count the weights of all photos as this many photos of its own
 
 
@@ -36,12 +38,9 @@ class LayoutFit:
             getattr(prior, name).copy_(torch.from_numpy(getattr(self, name)).float())
 
 
-def photo_layouts(images: np.ndarray, rows: np.ndarray, size: tuple[int, int], batch: int = 1024) -> np.ndarray:
+def photo_layouts(images: np.ndarray, rows: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """N x 3*h*w: each training photo (images[rows[i]], NHWC uint8) averaged down to `size`, in [-1, 1]."""
-    out = []
-    for i in range(0, len(rows), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float()
-        out.append(F.adaptive_avg_pool2d(x / 127.5 - 1.0, size).flatten(1).numpy())
+    out = [F.adaptive_avg_pool2d(x, size).flatten(1).numpy() for x in photo_batches(images, rows)]
     return np.concatenate(out).astype(np.float64)
 
 

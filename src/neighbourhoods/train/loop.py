@@ -116,7 +116,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
     loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space, spectral=cfg.spectral, lecam=cfg.lecam,
-                   feature_mmd=cfg.feature_mmd, layout_weight=cfg.layout_weight if cfg.layouts else 0.0,
+                   feature_mmd=cfg.feature_mmd, layout_weight=cfg.layout_weight,
                    spectrum=photos_spectrum(data.split.images, data.split.rows) if cfg.spectral else None)
     state = TrainState()
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neighbourhoods.train.augment import diffaugment, gaussian_blur
+from neighbourhoods.train.data import photo_batches
 
 
 def _terms(logits) -> list[torch.Tensor]:
@@ -116,8 +116,7 @@ def photos_spectrum(images, rows, batch: int = 512) -> torch.Tensor:
     """radial_spectrum over the training photos (uint8 N x H x W x 3 rows of a memory map): the
     target of the spectral term, a pure function of the data (so a resumed run has the same)."""
     total = 0.0
-    for i in range(0, len(rows), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    for x in photo_batches(images, rows, batch):
         total = total + radial_spectrum(x) * len(x)   # weighted by the chunk's size: the mean over all rows
     return total / len(rows)
 
