@@ -5,6 +5,7 @@
     python bench/quality.py --res 96x128 --minutes 8 --device cuda
     python bench/quality.py --seed 1 --workspace WS --out bench/results/quality-seed1.json   # another seed
     python bench/quality.py --models projected --tag tc --train-option cond_full_kimg=20   # an option A/B
+    python bench/quality.py --models projected --kimg 15.456 --tag ab   # an A/B at equal images
     python bench/quality.py --models projected --res 64x64,96x128 --served 128x96 --minutes 30   # the website's size
     python bench/quality.py --models projected --res 96x128 --served 128x96 --minutes 30 --grow 12   # grown by an octave
 
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also score every run's thumbnails at this size (e.g. 128x96), against the held-out photos "
                         "at that size")
     p.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
+    p.add_argument("--kimg", type=float, default=None,
+                   help="train each model to this many thousand images instead (an A/B at equal images on a "
+                        "machine whose speed drifts; not with --grow)")
     p.add_argument("--models", default="dcgan,projected", help="comma-separated registered model names")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's recipe, else train's default)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every model (weights, data order, noise)")
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.grow is not None and not 0 < args.grow < args.minutes:
         raise SystemExit("--grow must be between 0 and --minutes")
+    if args.kimg is not None and (args.kimg <= 0 or args.grow is not None):
+        raise SystemExit("--kimg must be positive, and not with --grow")
     ws_root = args.workspace or Path(tempfile.mkdtemp(prefix="neighbourhoods-quality-"))
     for res in args.res:
         ws = prepare_workspace(args.data, ws_root, res)
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"data": str(args.data), "workspace": str(ws_root), "res": [list(r) for r in args.res],
               "served": args.served.name if args.served else None,
-              "minutes_per_model": args.minutes, "train_photos": len(train_split), "holdout_photos": len(holdout),
+              "minutes_per_model": None if args.kimg else args.minutes, "kimg_per_model": args.kimg, "train_photos": len(train_split), "holdout_photos": len(holdout),
               "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "seed": args.seed, "torch": torch.__version__,
               "grow_minutes": args.grow, "grow_native": args.grow_native, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(),
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_name = (f"quality-{model}-{res_name(res)}" + (f"-seed{args.seed}" if args.seed else "") + grow
                     + (f"-{args.tag}" if args.tag else ""))
         config = TrainConfig(model=model, res=res, run=run_name, seed=args.seed,
-                             kimg=None, minutes=args.minutes, device=args.device,
+                             kimg=args.kimg, minutes=None if args.kimg else args.minutes, device=args.device,
                              # None: each model's recipe batch (the default model 32, dcgan 64 like
                              # pytorch's DCGAN example); --batch overrides for all
                              batch=args.batch, **options)

@@ -3,6 +3,7 @@ it, and a run that trains, resumes exactly, samples every city and exports with 
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -112,6 +113,45 @@ def test_a_run_with_layouts_resumes_exactly_samples_every_city_and_exports(toy_w
                           load_source(toy_ws, whole.name).sample(classes, seeds))
 
 
+def record_layouts(monkeypatch) -> list[torch.Tensor]:
+    """The layouts each training step's fakes are checked against (G's loss), as they come."""
+    from neighbourhoods.train.loss import GANLoss
+
+    seen = []
+    generator = GANLoss.generator
+
+    def recording(self, *args):
+        seen.append(args[-1].clone())
+        return generator(self, *args)
+
+    monkeypatch.setattr(GANLoss, "generator", recording)
+    return seen
+
+
+def pairs_share(layouts: torch.Tensor) -> bool:
+    half = layouts.shape[0] // 2
+    return torch.equal(layouts[:half], layouts[half:])
+
+
+@pytest.mark.parametrize("pair", [None, False, True])
+def test_mode_seeking_pairs_share_a_layout_by_default(toy_ws, monkeypatch, pair):
+    seen = record_layouts(monkeypatch)
+    run = train(toy_ws, config(run=f"lay-pair-{pair}", kimg=0.016, pair_layouts=pair))
+    expected = pair is not False                     # None: the recipe's, paired
+    assert seen and all(pairs_share(layouts) == expected for layouts in seen)
+    assert json.loads((run / "config.json").read_text())["pair_layouts"] == expected
+
+
+def test_a_run_from_before_paired_layouts_resumes_unpaired(toy_ws, monkeypatch):
+    run = train(toy_ws, config(run="lay-pre-pair", kimg=0.016))
+    saved = json.loads((run / "config.json").read_text())
+    del saved["pair_layouts"]                        # as written before the option existed
+    (run / "config.json").write_text(json.dumps(saved))
+    seen = record_layouts(monkeypatch)
+    train(toy_ws, config(run="lay-pre-pair", kimg=0.032, resume=True))
+    assert seen and not any(pairs_share(layouts) for layouts in seen)
+
+
 def test_layouts_are_refused_where_they_cannot_apply(toy_ws):
     with pytest.raises(NeighbourhoodsError, match="cannot draw on layouts"):
         train(toy_ws, TrainConfig(model="dcgan", res=(32, 32), kimg=0.01, layouts=4, progress=False))
@@ -119,6 +159,8 @@ def test_layouts_are_refused_where_they_cannot_apply(toy_ws):
         train(toy_ws, config(layouts=-1))
     with pytest.raises(NeighbourhoodsError, match="--layout-weight must be >= 0"):
         train(toy_ws, config(layout_weight=-1.0))
+    with pytest.raises(NeighbourhoodsError, match="--pair-layouts .* needs --layouts"):
+        train(toy_ws, config(layouts=0, pair_layouts=True))
 
 
 def test_a_4_3_run_with_layouts_exports_to_an_onnx_replica(served_run, tmp_path):

@@ -511,7 +511,7 @@ def test_an_unknown_loss_is_refused_in_one_line(toy_ws):
 
 # --- mode seeking (MSGAN) --------------------------------------------------------------------------
 def test_mode_seeking_pairs_each_fake_with_one_of_the_same_city():
-    paired = train_loss.pair_labels(torch.tensor([3, 1, 4, 1, 5, 9, 2]))
+    paired = train_loss.paired(torch.tensor([3, 1, 4, 1, 5, 9, 2]))
     assert paired.tolist() == [3, 1, 4, 3, 1, 4, 2]   # i and i + N/2 share a city; an odd last one stays
 
 
@@ -619,7 +619,7 @@ def test_a_run_from_before_mode_seeking_resumes_without_it(toy_ws):
     run = train(toy_ws, tiny("projected", run="pre-ms", kimg=0.016))
     config = json.loads((run / "config.json").read_text())
     assert config["mode_seeking"] > 0
-    del config["mode_seeking"]                       # as written before the option existed
+    del config["mode_seeking"], config["pair_layouts"]   # as written before the options existed
     (run / "config.json").write_text(json.dumps(config))
     train(toy_ws, tiny("projected", run="pre-ms", kimg=0.032, resume=True))
     assert json.loads((run / "config.json").read_text())["mode_seeking"] == 0.0

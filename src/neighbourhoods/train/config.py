@@ -108,6 +108,9 @@ class TrainConfig:
     layout_weight: float | None = option(None, "weight of the term in G's loss that keeps each sample's coarse "
                                          "layout on the one it was drawn on (mean squared error) (default: the "
                                          "model's recipe, else 1)")
+    pair_layouts: bool | None = option(None, "the two fakes of a mode-seeking pair share one layout, so the term "
+                                       "asks G for two different houses on it, not for two layouts (which the "
+                                       "prior gives for free) (default: the model's recipe, else off)")
     city_init: str | None = option(None, "G's city embeddings at the start: random, or features = each city's "
                                    "photos' mean pretrained feature (StyleGAN-XL), so alike cities start alike "
                                    "(default: the model's recipe, else random)", choices=list(CITY_INITS))
@@ -153,17 +156,17 @@ class TrainConfig:
 RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
               "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
               "spectral", "lecam", "feature_mmd", "cond_start_kimg", "cond_full_kimg", "instance_k", "layouts",
-              "layout_weight", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
+              "layout_weight", "pair_layouts", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
               "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
             "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0,
             "feature_mmd": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
-            "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+            "pair_layouts": False, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 # Run fields added after runs were written without them: the value those runs trained with.
 LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0,
           "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
-          "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+          "pair_layouts": False, "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -185,6 +188,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
                   cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
                   cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
                   layouts=int(values["layouts"] or 0), layout_weight=float(values["layout_weight"]),
+                  pair_layouts=bool(values["pair_layouts"]),
                   d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
     cfg = TrainConfig(**values)
     if cfg.loss not in LOSSES:
@@ -238,6 +242,10 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError(f"--layouts must be >= 0 (got {cfg.layouts})")
     if cfg.layouts and not models.supports_layouts(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} cannot draw on layouts: leave --layouts at 0")
+    if config.pair_layouts and not (cfg.layouts and cfg.mode_seeking):
+        raise NeighbourhoodsError("--pair-layouts pairs the mode-seeking term's fakes on one layout: it needs "
+                                  "--layouts and --mode-seeking above 0")
+    cfg = replace(cfg, pair_layouts=bool(cfg.pair_layouts and cfg.layouts and cfg.mode_seeking))
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     return cfg

@@ -57,7 +57,7 @@ from neighbourhoods.train.logs import (
     write_metrics,
     write_progress_grid,
 )
-from neighbourhoods.train.loss import GANLoss, photos_spectrum
+from neighbourhoods.train.loss import GANLoss, paired, photos_spectrum
 from neighbourhoods.train.rng import seed_everything
 from neighbourhoods.train.state import Nets, TrainState, build_nets, restore, state_dict
 
@@ -214,6 +214,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             layouts = None
             if cfg.layouts:   # the layouts the fakes are drawn on, which G's loss checks them against
                 layouts = nets.G.layouts.sample(z, fake_labels)
+                if cfg.pair_layouts:   # fake i + N/2 on fake i's layout: mode seeking then asks for two houses on one
+                    layouts = paired(layouts)
                 g_cond = {**g_cond, "layouts": layouts}
             with autocast():
                 fake = nets.G_train(z, fake_labels, **g_cond)

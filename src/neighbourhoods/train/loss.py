@@ -48,11 +48,12 @@ def g_loss(kind: str, fake_logits, real_logits=None) -> torch.Tensor:
     return sum(parts) / len(parts)
 
 
-def pair_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels whose second half repeats the first, so fake i and fake i + N/2 share a city."""
-    half = labels.shape[0] // 2
-    out = labels.clone()
-    out[half:2 * half] = labels[:half]
+def paired(rows: torch.Tensor) -> torch.Tensor:
+    """Rows whose second half repeats the first, so fake i and fake i + N/2 share a city (or a
+    layout, or an instance)."""
+    half = rows.shape[0] // 2
+    out = rows.clone()
+    out[half:2 * half] = rows[:half]
     return out
 
 
@@ -69,7 +70,7 @@ def structure(x: torch.Tensor) -> torch.Tensor:
 def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels") -> torch.Tensor:
     """MSGAN (Mao et al., CVPR 2019): penalise fakes that differ less than their latents do.
 
-    Pairs fake i with fake i + N/2 (same city, see pair_labels); the term is the mean over
+    Pairs fake i with fake i + N/2 (same city, see paired); the term is the mean over
     pairs of 1 / (mean |x1 - x2| / mean |z1 - z2|), large when two latents give one image.
     space "structure": the distance between the pair's `structure` maps, so G cannot buy it
     with exposure or sky colour alone (which pixel distance rewards) and must vary the layout.
@@ -197,7 +198,7 @@ class GANLoss:
 
     def fake_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The cities to draw fakes for: the real batch's, in same-city pairs when mode seeking."""
-        return pair_labels(labels) if self.mode_seeking else labels
+        return paired(labels) if self.mode_seeking else labels
 
     def discriminator(self, D: nn.Module, real: torch.Tensor, labels: torch.Tensor,
                       fake: torch.Tensor, fake_labels: torch.Tensor,
