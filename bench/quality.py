@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {"data": str(args.data), "workspace": str(ws_root), "res": [list(r) for r in args.res],
               "served": args.served.name if args.served else None,
-              "minutes_per_model": None if args.kimg else args.minutes, "kimg_per_model": args.kimg, "train_photos": len(train_split), "holdout_photos": len(holdout),
+              "minutes_per_model": None if args.kimg else args.minutes, "kimg_per_model": args.kimg,
+              "train_photos": len(train_split), "holdout_photos": len(holdout),
               "holdout_fraction": HOLDOUT, "samples_per_model": args.samples, "seed": args.seed, "torch": torch.__version__,
               "grow_minutes": args.grow, "grow_native": args.grow_native, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "machine": platform.machine(),
