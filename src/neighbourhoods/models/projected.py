@@ -27,8 +27,9 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
 - Growing by an octave (train --grow-from, train/grow.py): `grown_kwargs` spells out a G one
   level taller than a trained run's (its layout plus one top block), `load_grown` loads that
   run's weights below it, and G's `fade` buffer blends the old image into the new block's.
-- Cost: G dominates (0.39 GFLOP/image forward at 64x64 vs 0.23 for all of D), so G's top
-  octaves are kept slim (16 channels at 64x64); see docs/model.md for the measurements.
+- Cost: G's top octaves are kept slim (16 channels at 64x64: 0.39 GFLOP/image forward). Since D's
+  feature net sees a 64x64 image at 128 px, that net is about 3/4 of a CPU step (fp32); see
+  docs/model.md for the measurements.
 
 Contract with train.py (models/__init__.py registers this as "projected", the default):
     build(num_classes, res, **kwargs) -> (G, D)
