@@ -20,6 +20,8 @@ each candidate for "quality per CPU-minute" at the website's size:
     feature-0.5   ... at 1/2 of its own size
     channels-last both nets and the images in channels_last memory format
     compile       torch.compile of G and D (the first steps, compiling, are not timed)
+    g-wide        G twice as wide below its base (g_min_channels 32: 32 channels at the top
+                  level instead of 16, each level up to the 256 cap doubled likewise)
 
 Rounds alternate the variants (A B C A B C ...) so a change in the machine's load hits all of
 them alike; the JSON has every round and each variant's median, and its ratio to the default.
@@ -48,7 +50,7 @@ from neighbourhoods.models import projected  # noqa: E402
 from neighbourhoods.nets.devices import autocast_dtype  # noqa: E402
 from neighbourhoods.train.loss import GANLoss  # noqa: E402
 
-VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "feature-0.75", "feature-0.5", "channels-last", "compile")
+VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "feature-0.75", "feature-0.5", "channels-last", "compile", "g-wide")
 CLASSES = 26   # socal's training classes at the default --min-city-photos
 
 
@@ -61,6 +63,8 @@ def make_step(variant: str, res: tuple[int, int], batch: int):
         kwargs = models.grown_kwargs("projected", (res[0] // 2, res[1] // 2), small)
     if variant == "for-growing":
         kwargs["g_grow_octaves"] = 1
+    if variant == "g-wide":
+        kwargs["g_min_channels"] = 32
     if variant.startswith("feature-"):
         kwargs.update(feature_res=float(variant.split("-")[1]), feature_min_side=0)
     torch.manual_seed(0)
