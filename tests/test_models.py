@@ -222,6 +222,16 @@ def test_diffaugment_is_reproducible_from_the_torch_seed():
     assert torch.equal(a, b)
 
 
+def test_diffaugment_pairs_augment_image_i_and_i_plus_half_alike():
+    torch.manual_seed(5)
+    house = torch.rand(3, 3, 32, 32) * 2 - 1
+    x = torch.cat([house, house, house[:1]])   # pairs (0, 3), (1, 4), (2, 5), and an odd seventh
+    paired = diffaugment(x, projected.AUGMENT_POLICY, pairs=True)
+    assert torch.equal(paired[:3], paired[3:6])
+    assert not torch.equal(paired[:3], diffaugment(x, projected.AUGMENT_POLICY)[3:6])   # unpaired: each its own
+    assert paired.shape == x.shape
+
+
 def test_unknown_augment_op_is_named_in_the_error():
     with pytest.raises(ValueError, match="rotate"):
         parse_policy("color,rotate")

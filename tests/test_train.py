@@ -556,6 +556,32 @@ def test_structure_space_ignores_exposure_and_sees_layout():
     assert exposure_st > 5 * exposure_px and exposure_st > 20 * layout_st
 
 
+def test_feature_space_counts_what_the_features_see_in_units_of_the_batchs_spread():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(8, 16, generator=g)
+    fake = torch.zeros(8, 3, 8, 8)   # the pixels do not matter in this space
+    feats = torch.randn(8, 32, generator=g)
+    same = torch.cat([feats[:4], feats[:4]])   # each pair one feature vector: two latents, one house
+    assert train_loss.mode_seeking_loss(fake, z, "features", same) > 1000 * train_loss.mode_seeking_loss(fake, z, "features", feats)
+    # scaling every feature leaves it (all but the small epsilon) unchanged: standardised over the batch
+    scaled = train_loss.mode_seeking_loss(fake, z, "features", 10 * feats)
+    assert torch.isclose(scaled, train_loss.mode_seeking_loss(fake, z, "features", feats), rtol=1e-2)
+    with pytest.raises(ValueError, match="pooled features"):
+        train_loss.mode_seeking_loss(fake, z, "features")
+    # the gradient reaches the features (G, through D's frozen feature net, in training)
+    feats.requires_grad_(True)
+    train_loss.mode_seeking_loss(fake, z, "features", feats).backward()
+    assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
+
+
+def test_feature_space_mode_seeking_trains_the_default_model_and_needs_a_feature_net(toy_ws):
+    run = train(toy_ws, tiny("projected", run="ms-features", kimg=0.016, mode_seeking=0.5,
+                             mode_seeking_space="features"))
+    assert json.loads((run / "config.json").read_text())["mode_seeking_space"] == "features"
+    with pytest.raises(NeighbourhoodsError, match="no pretrained feature net"):
+        train_mod.resolve_config(TrainConfig(model="dcgan", mode_seeking=0.5, mode_seeking_space="features"))
+
+
 def test_mode_seeking_space_is_a_run_field_checked_in_one_line(toy_ws):
     assert train_mod.resolve_config(TrainConfig()).mode_seeking_space in ("pixels", "structure")
     with pytest.raises(NeighbourhoodsError, match="mode-seeking-space"):

@@ -32,26 +32,37 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-def _brightness(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device) - 0.5)
+def _per_image(draw, n: int, pairs: bool) -> torch.Tensor:
+    """draw(k) -> k random parameters; with `pairs`, image i + n/2 gets image i's (an odd last one its own)."""
+    if not pairs:
+        return draw(n)
+    half = draw(n // 2)
+    return torch.cat([half, half] + ([draw(1)] if n % 2 else []))
 
 
-def _saturation(x: torch.Tensor) -> torch.Tensor:
+def _brightness(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
+    return x + (r - 0.5)
+
+
+def _saturation(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device) * 2) + mean
+    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
+    return (x - mean) * (r * 2) + mean
 
 
-def _contrast(x: torch.Tensor) -> torch.Tensor:
+def _contrast(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     mean = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - mean) * (torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device) + 0.5) + mean
+    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
+    return (x - mean) * (r + 0.5) + mean
 
 
-def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
+def _translation(x: torch.Tensor, pairs: bool = False, ratio: float = 0.125) -> torch.Tensor:
     """Shift by up to `ratio` of each side, filling with zeros (mid-grey in [-1, 1])."""
     n, _, h, w = x.shape
     shift_y, shift_x = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    ty = torch.randint(-shift_y, shift_y + 1, size=(n, 1, 1), device=x.device)
-    tx = torch.randint(-shift_x, shift_x + 1, size=(n, 1, 1), device=x.device)
+    ty = _per_image(lambda k: torch.randint(-shift_y, shift_y + 1, size=(k, 1, 1), device=x.device), n, pairs)
+    tx = _per_image(lambda k: torch.randint(-shift_x, shift_x + 1, size=(k, 1, 1), device=x.device), n, pairs)
     gb, gy, gx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(h, device=x.device),
                                 torch.arange(w, device=x.device), indexing="ij")
     gy = torch.clamp(gy + ty + 1, 0, h + 1)
@@ -60,12 +71,12 @@ def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1).contiguous()[gb, gy, gx].permute(0, 3, 1, 2)
 
 
-def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
+def _cutout(x: torch.Tensor, pairs: bool = False, ratio: float = 0.5) -> torch.Tensor:
     """Zero one random rectangle of `ratio` x each side per image."""
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    oy = torch.randint(0, h + (1 - ch % 2), size=(n, 1, 1), device=x.device)
-    ox = torch.randint(0, w + (1 - cw % 2), size=(n, 1, 1), device=x.device)
+    oy = _per_image(lambda k: torch.randint(0, h + (1 - ch % 2), size=(k, 1, 1), device=x.device), n, pairs)
+    ox = _per_image(lambda k: torch.randint(0, w + (1 - cw % 2), size=(k, 1, 1), device=x.device), n, pairs)
     gb, gy, gx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(ch, device=x.device),
                                 torch.arange(cw, device=x.device), indexing="ij")
     gy = torch.clamp(gy + oy - ch // 2, 0, h - 1)
@@ -91,12 +102,14 @@ def parse_policy(policy: str) -> list[str]:
     return names
 
 
-def diffaugment(x: torch.Tensor, policy: str) -> torch.Tensor:
+def diffaugment(x: torch.Tensor, policy: str, pairs: bool = False) -> torch.Tensor:
     """Apply the ops of `policy` (comma-separated: color, translation, cutout) to N x C x H x W.
 
-    Empty policy returns `x` unchanged. Works for any H x W (square or 4:3).
+    Empty policy returns `x` unchanged. Works for any H x W (square or 4:3). `pairs`: image
+    i + N/2 is augmented exactly as image i (the mode-seeking pairs of train/loss.py), so a
+    distance measured between them after augmenting is the images', not the augmentations'.
     """
     for name in parse_policy(policy):
         for op in AUGMENTS[name]:
-            x = op(x)
+            x = op(x, pairs)
     return x

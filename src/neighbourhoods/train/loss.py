@@ -67,18 +67,29 @@ def structure(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (std + 0.05)
 
 
-def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels") -> torch.Tensor:
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels",
+                      features: torch.Tensor | None = None) -> torch.Tensor:
     """MSGAN (Mao et al., CVPR 2019): penalise fakes that differ less than their latents do.
 
     Pairs fake i with fake i + N/2 (same city, see paired); the term is the mean over
     pairs of 1 / (mean |x1 - x2| / mean |z1 - z2|), large when two latents give one image.
     space "structure": the distance between the pair's `structure` maps, so G cannot buy it
     with exposure or sky colour alone (which pixel distance rewards) and must vary the layout.
+    space "features": between the fakes' pooled pretrained `features` (N x F, what D's feature
+    net sees in them), each dimension standardised over the batch (statistics held constant),
+    so the distance is in units of the batch's own spread, as z's is, and cannot be bought
+    with pixels the feature net ignores.
     """
     half = fake.shape[0] // 2
     if half == 0:
         return fake.new_zeros(())
-    x = structure(fake) if space == "structure" else fake.float()
+    if space == "features":
+        if features is None:
+            raise ValueError('mode seeking in space "features" needs the fakes\' pooled features')
+        f = features.float()
+        x = (f - f.mean(0).detach()) / (f.std(0).detach() + 1e-3)
+    else:
+        x = structure(fake) if space == "structure" else fake.float()
     dx = (x[:half] - x[half:2 * half]).abs().flatten(1).mean(1)
     dz = (z[:half].float() - z[half:2 * half].float()).abs().mean(1)
     return (1.0 / (dx / dz + 1e-5)).mean()
@@ -184,7 +195,7 @@ class GANLoss:
     kind: str               # "bce" (non-saturating), "hinge" or "rpgan" (relativistic pairing, R3GAN)
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
-    mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels or structure
+    mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels, structure or features
     blur_sigma: float = 0.0  # Gaussian blur of every image D sees, in pixels; the loop fades it per step
     spectral: float = 0.0   # weight of the spectral term in G's loss (0 = off)
     lecam: float = 0.0      # weight of LeCam regularisation in D's loss (0 = off)
@@ -192,9 +203,9 @@ class GANLoss:
     spectrum: torch.Tensor | None = None   # ...and its target, the photos' radial spectrum (photos_spectrum)
     layout_weight: float = 0.0   # weight of the layout term in G's loss (fakes drawn on layouts; 0 = off)
 
-    def aug(self, x: torch.Tensor) -> torch.Tensor:
+    def aug(self, x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
         x = gaussian_blur(x, self.blur_sigma)
-        return diffaugment(x, self.augment) if self.augment else x
+        return diffaugment(x, self.augment, pairs) if self.augment else x
 
     def fake_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The cities to draw fakes for: the real batch's, in same-city pairs when mode seeking."""
@@ -223,16 +234,20 @@ class GANLoss:
         MMD, which compares the fakes' pooled features with theirs). `layouts`: the layouts the
         fakes were drawn on (train --layouts)."""
         pooled = {"pooled": True} if self.feature_mmd else {}   # D returns (logits, pooled features)
+        # mode seeking in feature space reads the fakes' pooled features from this same forward, with
+        # each pair augmented alike, so what it measures is the two houses and not two augmentations
+        ms_features = bool(self.mode_seeking) and self.mode_seeking_space == "features"
+        fake_pooled = {"pooled": True} if pooled or ms_features else {}
         real_logits = real_features = None
         if self.kind == "rpgan" or self.feature_mmd:
             with torch.no_grad():
                 real_out = D(self.aug(real), labels, **(real_cond or {}), **pooled)
             real_logits, real_features = real_out if pooled else (real_out, None)
-        fake_out = D(self.aug(fake), fake_labels, **(fake_cond or {}), **pooled)
-        fake_logits, fake_features = fake_out if pooled else (fake_out, None)
+        fake_out = D(self.aug(fake, pairs=ms_features), fake_labels, **(fake_cond or {}), **fake_pooled)
+        fake_logits, fake_features = fake_out if fake_pooled else (fake_out, None)
         loss = g_loss(self.kind, fake_logits, real_logits)
         if self.mode_seeking:
-            loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space)
+            loss = loss + self.mode_seeking * mode_seeking_loss(fake, z, self.mode_seeking_space, fake_features)
         if self.spectral:
             loss = loss + self.spectral * spectral_loss(fake, self.spectrum)
         if self.feature_mmd:
