@@ -40,21 +40,23 @@ def _per_image(draw, n: int, pairs: bool) -> torch.Tensor:
     return torch.cat([half, half] + ([draw(1)] if n % 2 else []))
 
 
+def _uniform(x: torch.Tensor, pairs: bool) -> torch.Tensor:
+    """N x 1 x 1 x 1 uniform [0, 1) factors, one per image of `x` (per pair with `pairs`)."""
+    return _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
+
+
 def _brightness(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
-    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
-    return x + (r - 0.5)
+    return x + (_uniform(x, pairs) - 0.5)
 
 
 def _saturation(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     mean = x.mean(dim=1, keepdim=True)
-    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
-    return (x - mean) * (r * 2) + mean
+    return (x - mean) * (_uniform(x, pairs) * 2) + mean
 
 
 def _contrast(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
     mean = x.mean(dim=[1, 2, 3], keepdim=True)
-    r = _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
-    return (x - mean) * (r + 0.5) + mean
+    return (x - mean) * (_uniform(x, pairs) + 0.5) + mean
 
 
 def _translation(x: torch.Tensor, pairs: bool = False, ratio: float = 0.125) -> torch.Tensor:
