@@ -27,11 +27,12 @@ def _cmd(photos, labels, ws, workers):
     return cmd
 
 
-def _decoded(ws) -> int:
+def _decoded(ws, where: str = "status != 'pending'") -> int:
+    """Rows of the catalog matching `where` (default: photos decoded so far)."""
     try:
         con = sqlite3.connect(f"file:{ws / 'catalog.sqlite'}?mode=ro", uri=True, timeout=5)
         try:
-            return con.execute("SELECT COUNT(*) FROM photos WHERE status != 'pending'").fetchone()[0]
+            return con.execute(f"SELECT COUNT(*) FROM photos WHERE {where}").fetchone()[0]
         finally:
             con.close()
     except sqlite3.Error:
@@ -101,8 +102,10 @@ def test_ctrl_c_stops_with_one_line_and_the_next_run_completes(tmp_path):
     # a new session stands in for the terminal: Ctrl-C signals the whole process group
     proc = subprocess.Popen(_cmd(photos, labels, ws, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    # Ctrl-C as soon as discovery has committed the pending rows: decoding is starting. (Waiting
+    # for the first decoded photo raced the end of the whole run on a fast moment.)
     deadline = time.monotonic() + 60
-    while _decoded(ws) == 0 and proc.poll() is None and time.monotonic() < deadline:
+    while _decoded(ws, "1") == 0 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
