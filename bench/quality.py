@@ -31,9 +31,9 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    then grown by an octave (train --grow-from) for the rest: one budget, counted over both;
 4. write a grid (rows: the largest cities, columns: fixed seeds) per model beside its run, and
    JSON to --out (default bench/results/quality.json), and print a summary.
-Each model is scored in a child process (one thread) before the next one trains; with
---overlap-scoring the next model trains meanwhile (scoring 2,000 images through Inception takes
-~10 minutes on a CPU). Not the default: on a 2-core machine a 2-thread trainer beside the
+Each model is scored in a child process (on all threads) before the next one trains; with
+--overlap-scoring the next model trains meanwhile, and the scorer keeps to one thread (scoring
+2,000 images through Inception then takes ~9 minutes on a CPU). Not the default: on a 2-core machine a 2-thread trainer beside the
 scorer fell from ~25 to 3.2 img/s at 96x128 (its threads spin-wait for the core the scorer
 holds), which took a third of its budget from the later model.
 
@@ -169,9 +169,10 @@ def train_seconds(run_dir: Path, t0: float) -> float:
     return lines[-1]["time_s"] if lines and "time_s" in lines[-1] else time.time() - t0
 
 
-def _score_to_file(out: Path, *args) -> None:
-    """score_run in a child process (so scoring one model can overlap training the next)."""
-    torch.set_num_threads(1)
+def _score_to_file(out: Path, threads: int, *args) -> None:
+    """score_run in a child process (so scoring one model can overlap training the next), on
+    `threads` threads: one beside a training run, else the machine's."""
+    torch.set_num_threads(threads)
     atomic_write_json(out, score_run(*args))
 
 
@@ -292,9 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
         out = run_dir / "bench-score.json"
         out.unlink(missing_ok=True)
-        proc = ctx.Process(target=_score_to_file, args=(out, run_dir, real_feats[res], holdout_cities, top_cities,
-                                                        args.samples, run_dir / "samples" / f"bench-{model}.png",
-                                                        args.device, served))
+        threads = 1 if args.overlap_scoring else torch.get_num_threads()
+        result["models"][key]["scoring_threads"] = threads
+        grid = run_dir / "samples" / f"bench-{model}.png"
+        proc = ctx.Process(target=_score_to_file, args=(out, threads, run_dir, real_feats[res], holdout_cities,
+                                                        top_cities, args.samples, grid, args.device, served))
         proc.start()
         if not args.overlap_scoring:
             proc.join()   # the next model's budget must not be shared with this scorer
