@@ -574,12 +574,25 @@ def test_feature_space_counts_what_the_features_see_in_units_of_the_batchs_sprea
     assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
 
 
-def test_feature_space_mode_seeking_trains_the_default_model_and_needs_a_feature_net(toy_ws):
-    run = train(toy_ws, tiny("projected", run="ms-features", kimg=0.016, mode_seeking=0.5,
-                             mode_seeking_space="features"))
-    assert json.loads((run / "config.json").read_text())["mode_seeking_space"] == "features"
+def test_structure_plus_features_is_the_sum_of_the_two_terms():
+    g = torch.Generator().manual_seed(5)
+    z, fake = torch.randn(8, 16, generator=g), torch.rand(8, 3, 16, 16, generator=g)
+    feats = torch.randn(8, 32, generator=g)
+    ms = train_loss.mode_seeking_loss
+    both = ms(fake, z, "structure+features", feats)
+    assert torch.isclose(both, ms(fake, z, "structure") + ms(fake, z, "features", feats))
+    assert both > ms(fake, z, "structure")
+    with pytest.raises(ValueError, match="pooled features"):
+        ms(fake, z, "structure+features")
+
+
+@pytest.mark.parametrize("space", ["features", "structure+features"])
+def test_feature_space_mode_seeking_trains_the_default_model_and_needs_a_feature_net(toy_ws, space):
+    run = train(toy_ws, tiny("projected", run="ms-" + space.replace("+", "-"), kimg=0.016, mode_seeking=0.5,
+                             mode_seeking_space=space))
+    assert json.loads((run / "config.json").read_text())["mode_seeking_space"] == space
     with pytest.raises(NeighbourhoodsError, match="no pretrained feature net"):
-        train_mod.resolve_config(TrainConfig(model="dcgan", mode_seeking=0.5, mode_seeking_space="features"))
+        train_mod.resolve_config(TrainConfig(model="dcgan", mode_seeking=0.5, mode_seeking_space=space))
 
 
 def test_mode_seeking_space_is_a_run_field_checked_in_one_line(toy_ws):

@@ -43,7 +43,7 @@ LOSSES = ("bce", "hinge", "rpgan")
 # Where G's city embeddings start (train/instances.py: city_embeddings).
 CITY_INITS = ("random", "features")
 # What the mode-seeking term can measure distance in (train/loss.py: mode_seeking_loss).
-MS_SPACES = ("pixels", "structure", "features")
+MS_SPACES = ("pixels", "structure", "features", "structure+features")
 
 
 @dataclass
@@ -78,8 +78,9 @@ class TrainConfig:
                                         "diverse; 0 = off (default: the model's recipe, else 0)")
     mode_seeking_space: str | None = option(None, "what the mode-seeking term measures: pixels, structure (the "
                                             "image at 1/4 size with each channel standardised per image, so "
-                                            "exposure and sky colour do not count), or features (D's pooled "
-                                            "pretrained features of the fakes, standardised over the batch) "
+                                            "exposure and sky colour do not count), features (D's pooled "
+                                            "pretrained features of the fakes, standardised over the batch), "
+                                            "or structure+features (both terms, each at the weight) "
                                             "(default: the model's recipe, else pixels)", choices=list(MS_SPACES))
     spectral: float | None = option(None, "weight of a term in G's loss that matches the fake batch's radial power "
                                     "spectrum to the training photos' (Durall et al. 2020), against the fine-detail "
@@ -211,7 +212,8 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             raise NeighbourhoodsError(f"--{weight.replace('_', '-')} must be >= 0 (got {getattr(cfg, weight)})")
     if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: leave --feature-mmd at 0")
-    if cfg.mode_seeking and cfg.mode_seeking_space == "features" and not models.supports_pooled_features(cfg.model):
+    if cfg.mode_seeking and "features" in cfg.mode_seeking_space.split("+") \
+            and not models.supports_pooled_features(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: "
                                   "use --mode-seeking-space structure or pixels")
     if cfg.mode_seeking_space not in MS_SPACES:

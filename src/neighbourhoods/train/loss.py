@@ -78,8 +78,10 @@ def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, space: str = "pixels"
     space "features": between the fakes' pooled pretrained `features` (N x F, what D's feature
     net sees in them), each dimension standardised over the batch (statistics held constant),
     so the distance is in units of the batch's own spread, as z's is, and cannot be bought
-    with pixels the feature net ignores.
+    with pixels the feature net ignores. space "structure+features": the sum of both terms.
     """
+    if space == "structure+features":
+        return mode_seeking_loss(fake, z, "structure") + mode_seeking_loss(fake, z, "features", features)
     half = fake.shape[0] // 2
     if half == 0:
         return fake.new_zeros(())
@@ -195,7 +197,7 @@ class GANLoss:
     kind: str               # "bce" (non-saturating), "hinge" or "rpgan" (relativistic pairing, R3GAN)
     augment: str = ""       # DiffAugment policy applied to real and fake images alike ("" = none)
     mode_seeking: float = 0.0   # weight of the MSGAN term in G's loss (0 = off)
-    mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels, structure or features
+    mode_seeking_space: str = "pixels"   # what the term measures distance in: pixels, structure, features or both
     blur_sigma: float = 0.0  # Gaussian blur of every image D sees, in pixels; the loop fades it per step
     spectral: float = 0.0   # weight of the spectral term in G's loss (0 = off)
     lecam: float = 0.0      # weight of LeCam regularisation in D's loss (0 = off)
@@ -236,7 +238,7 @@ class GANLoss:
         pooled = {"pooled": True} if self.feature_mmd else {}   # D returns (logits, pooled features)
         # mode seeking in feature space reads the fakes' pooled features from this same forward, with
         # each pair augmented alike, so what it measures is the two houses and not two augmentations
-        ms_features = bool(self.mode_seeking) and self.mode_seeking_space == "features"
+        ms_features = bool(self.mode_seeking) and "features" in self.mode_seeking_space.split("+")
         fake_pooled = {"pooled": True} if pooled or ms_features else {}
         real_logits = real_features = None
         if self.kind == "rpgan" or self.feature_mmd:
