@@ -258,6 +258,31 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _start_pool(method: str, workers: int):
+    """A worker pool whose start a Ctrl-C cannot slip through.
+
+    A SIGINT that lands while the main thread forks is raised inside CPython's at-fork hooks,
+    which print it and drop it ("Exception ignored in _releaseLock"): the run went on and exited 0.
+    Blocking SIGINT while the workers fork holds it pending; it is delivered on unblocking, so
+    the KeyboardInterrupt arrives here, after the pool exists. (Workers inherit the blocked
+    mask; they ignore SIGINT anyway.)
+    """
+    ctx = multiprocessing.get_context(method)
+    if not hasattr(signal, "pthread_sigmask"):        # Windows: no fork, no hooks to race
+        return ctx.Pool(workers, initializer=_ignore_sigint)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pool = None
+    try:
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)   # a Ctrl-C held meanwhile is raised here
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if pool is not None:
+            pool.terminate()
+        raise
+    return pool
+
+
 def _pending(con: sqlite3.Connection) -> list[tuple[int, str]]:
     return [(row[0], catalog.fs_path(row[1]))
             for row in con.execute("SELECT id, path FROM photos WHERE status = 'pending' ORDER BY id")]
@@ -296,7 +321,7 @@ def _decode_pending(pending: list[tuple[int, str]], store, settings: DecodeSetti
             chunk = max(1, min(16, window // (workers * 8)))
             # fork: workers start in milliseconds with the modules already imported
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with multiprocessing.get_context(method).Pool(workers, initializer=_ignore_sigint) as pool:
+            with _start_pool(method, workers) as pool:
                 for start in range(0, len(tasks), window):
                     consume(pool.imap_unordered(decode_one, tasks[start:start + window], chunksize=chunk))
     finally:
