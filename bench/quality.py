@@ -33,9 +33,9 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    JSON to --out (default bench/results/quality.json), and print a summary.
 Each model is scored in a child process (on all threads) before the next one trains; with
 --overlap-scoring the next model trains meanwhile, and the scorer keeps to one thread (scoring
-2,000 images through Inception then takes ~9 minutes on a CPU). Not the default: on a 2-core machine a 2-thread trainer beside the
-scorer fell from ~25 to 3.2 img/s at 96x128 (its threads spin-wait for the core the scorer
-holds), which took a third of its budget from the later model.
+2,000 images through Inception then takes ~9 minutes on a CPU). Not the default: on a 2-core
+machine a 2-thread trainer beside the scorer fell from ~25 to 3.2 img/s at 96x128 (its threads
+spin-wait for the core the scorer holds), which took a third of its budget from the later model.
 
 Runs, grids and the workspace stay outside the repository (default: a new folder under /tmp).
 Wall-clock budgets on a shared machine depend on its load: compare models from one invocation.

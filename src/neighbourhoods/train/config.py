@@ -46,6 +46,11 @@ CITY_INITS = ("random", "features")
 MS_SPACES = ("pixels", "structure", "features", "structure+features")
 
 
+def mode_seeking_reads_features(space: str) -> bool:
+    """Whether mode seeking in `space` needs D's pooled features of the fakes."""
+    return space in ("features", "structure+features")
+
+
 @dataclass
 class TrainConfig:
     model: str = option("projected", "registered model: projected (the default) or dcgan (the baseline)")
@@ -212,7 +217,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
             raise NeighbourhoodsError(f"--{weight.replace('_', '-')} must be >= 0 (got {getattr(cfg, weight)})")
     if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: leave --feature-mmd at 0")
-    if cfg.mode_seeking and "features" in cfg.mode_seeking_space.split("+") \
+    if cfg.mode_seeking and mode_seeking_reads_features(cfg.mode_seeking_space) \
             and not models.supports_pooled_features(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: "
                                   "use --mode-seeking-space structure or pixels")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neighbourhoods.train.augment import diffaugment, gaussian_blur
+from neighbourhoods.train.config import mode_seeking_reads_features
 from neighbourhoods.train.data import photo_batches
 
 
@@ -238,7 +239,7 @@ class GANLoss:
         pooled = {"pooled": True} if self.feature_mmd else {}   # D returns (logits, pooled features)
         # mode seeking in feature space reads the fakes' pooled features from this same forward, with
         # each pair augmented alike, so what it measures is the two houses and not two augmentations
-        ms_features = bool(self.mode_seeking) and "features" in self.mode_seeking_space.split("+")
+        ms_features = bool(self.mode_seeking) and mode_seeking_reads_features(self.mode_seeking_space)
         fake_pooled = {"pooled": True} if pooled or ms_features else {}
         real_logits = real_features = None
         if self.kind == "rpgan" or self.feature_mmd:
