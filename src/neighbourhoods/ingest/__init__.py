@@ -4,145 +4,43 @@ Every input file gets one catalog row and ends kept, rejected (with a short, sta
 duplicate; kept photos are resized into WS/prepared/<H>x<W>/images.npy. The run is built to be
 killed at any moment and re-run:
 
-1. discover: every file under PHOTOS is inserted as a 'pending' row in sorted-path order (so
-   ids do not depend on timing); changed files go back to pending, vanished ones are removed;
-2. decode: pending files are read, hashed, checked and resized in worker processes
-   (decode.py); results
-   are committed in small transactions together with their pixels (table `pixels`), so a
-   kill loses at most the last second of work;
-3. decide: duplicates, near-duplicates and the train/holdout split are set in one final,
-   deterministic pass over the catalog, so the order workers finished in never matters;
-4. write: labels.json and the prepared arrays, streamed in ascending id order, atomically.
+1. discover (here): every file under PHOTOS is inserted as a 'pending' row in sorted-path order
+   (so ids do not depend on timing); changed files go back to pending, vanished ones are removed;
+2. decode: pending files are read, hashed, checked and resized in worker processes (pool.py,
+   decode.py); results are committed in small transactions together with their pixels (table
+   `pixels`), so a kill loses at most the last second of work;
+3. decide (decide.py): duplicates, near-duplicates and the train/holdout split are set in one
+   final, deterministic pass over the catalog, so the order workers finished in never matters;
+4. write (core/prepared.py, beside the readers): labels.json and the prepared arrays, streamed
+   in ascending id order, atomically.
 
 Same inputs, same settings: byte-identical catalog and arrays, interrupted or not.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import multiprocessing
 import os
-import signal
 import sqlite3
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from neighbourhoods import models
 from neighbourhoods.core import catalog
-from neighbourhoods.core.errors import NeighbourhoodsError, check_free_space
+from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.locks import writing_workspace
-from neighbourhoods.core.resolution import res_name, supported_resolution
-from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_workspace
-from neighbourhoods.ingest.decode import DecodeSettings, decode_one
+from neighbourhoods.core.prepared import PIXELS_SCHEMA, write_label_names, write_prepared
+from neighbourhoods.core.resolution import supported_resolution
+from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.ingest.decide import decide
+from neighbourhoods.ingest.decode import DecodeSettings
 from neighbourhoods.ingest.labels import match_labels, read_labels
+from neighbourhoods.ingest.pool import decode_pending
 from neighbourhoods.ingest.shards import merge_shards, open_shard, store_shard
+from neighbourhoods.ingest.summary import IngestSummary
 from neighbourhoods.nets.devices import Dist, init_distributed
-
-PIXELS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pixels (
-    photo_id INTEGER NOT NULL,       -- catalog id
-    res TEXT NOT NULL,               -- 'HxW'
-    data BLOB NOT NULL,              -- uint8 H x W x 3, row-major RGB
-    PRIMARY KEY (photo_id, res)
-);
-"""
-
-COMMIT_EVERY_S = 1.0     # a kill loses at most about this much decoding work
-COMMIT_EVERY_N = 64
-WINDOW_BYTES = 256 << 20  # decoded pixels in flight between workers and the catalog, at most
-
-
-@dataclass
-class IngestSummary:
-    workspace: str
-    files: int = 0                    # input files, one catalog row each
-    kept: int = 0
-    duplicates: int = 0               # byte-identical copies of a kept photo
-    near_duplicates: int = 0          # kept photos flagged as perceptually near-identical to another
-    rejected: dict[str, int] = field(default_factory=dict)   # reason -> count
-    labels: dict[str, int] = field(default_factory=dict)     # label -> kept photos
-    unlabelled: int = 0               # kept photos with no label
-    holdout: int = 0                  # kept photos in the holdout split
-    new: int = 0                      # files first seen in this run
-    changed: int = 0                  # files whose size or mtime changed since the last run
-    removed: int = 0                  # catalog rows whose file is gone
-    decoded: int = 0                  # files decoded in this run
-    label_source: str = "folders"
-    unmatched_labels: list[str] = field(default_factory=list)   # label entries naming no photo
-    unlabelled_files: list[str] = field(default_factory=list)   # photos no entry names (all files)
-    ambiguous_labels: list[str] = field(default_factory=list)
-    malformed_label_rows: list[str] = field(default_factory=list)
-    no_key_files: list[str] = field(default_factory=list)       # listings table: photos whose name gives no key
-    label_key: str | None = None      # listings table: its key column (entries are listings, not files)
-    key_pattern: str | None = None
-    unreadable_paths: list[str] = field(default_factory=list)   # folders we may not list, dangling links
-    prepared: list[str] = field(default_factory=list)           # resolutions written, 'HxW'
-    photo_size: str | None = None     # median kept photo, 'WxH' (as image tools write it)
-    supported_res: str | None = None  # the largest training resolution of that aspect it covers, 'HxW'
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {"files": self.files, "kept": self.kept, "duplicates": self.duplicates,
-                "near_duplicates": self.near_duplicates, "rejected": dict(sorted(self.rejected.items())),
-                "labels": dict(sorted(self.labels.items())), "unlabelled": self.unlabelled,
-                "holdout": self.holdout, "new": self.new, "changed": self.changed, "removed": self.removed,
-                "decoded": self.decoded, "label_source": self.label_source,
-                "unmatched_labels": len(self.unmatched_labels), "unlabelled_files": len(self.unlabelled_files),
-                "ambiguous_labels": len(self.ambiguous_labels),
-                "malformed_label_rows": len(self.malformed_label_rows), "no_key_files": len(self.no_key_files),
-                "label_key": self.label_key, "key_pattern": self.key_pattern,
-                "unreadable_paths": len(self.unreadable_paths),
-                "prepared": self.prepared, "photo_size": self.photo_size, "supported_res": self.supported_res,
-                "workspace": self.workspace, "seconds": round(self.seconds, 2)}
-
-    def describe(self) -> str:
-        def examples(items: list[str], n: int = 5) -> str:
-            more = f", ... ({len(items) - n} more)" if len(items) > n else ""
-            return ", ".join(catalog.shown(i) for i in items[:n]) + more   # odd file names print as \xNN
-
-        rejected = sum(self.rejected.values())
-        lines = [f"{self.files} files in {self.workspace} ({self.new} new, {self.changed} changed, "
-                 f"{self.removed} removed; {self.decoded} decoded in {self.seconds:.1f} s)",
-                 f"  kept        {self.kept} ({self.holdout} held out for evaluation, "
-                 f"{self.near_duplicates} flagged near-duplicate)",
-                 f"  duplicates  {self.duplicates} (byte-identical to a kept photo)",
-                 f"  rejected    {rejected}" + (": " + ", ".join(f"{r} {n}" for r, n in sorted(self.rejected.items()))
-                                                if rejected else "")]
-        top = sorted(self.labels.items(), key=lambda kv: (-kv[1], kv[0]))
-        source = self.label_source + (f" keyed by {self.label_key}" if self.label_key else "")
-        lines.append(f"  labels      {len(self.labels)} from {source}"
-                     + (": " + ", ".join(f"{k} {v}" for k, v in top[:8]) + (", ..." if len(top) > 8 else "") if top else ""))
-        if self.unlabelled:
-            lines.append(f"  unlabelled  {self.unlabelled} kept photos have no label")
-        if self.unlabelled_files and self.label_source != "folders":
-            lines.append(f"  no label entry for {len(self.unlabelled_files)} files: {examples(self.unlabelled_files)}")
-        if self.no_key_files:
-            lines.append(f"  {len(self.no_key_files)} file names give no {self.label_key} by --key-pattern "
-                         f"{self.key_pattern!r}: {examples(self.no_key_files)}")
-        if self.unmatched_labels and self.label_key:
-            lines.append(f"  {len(self.unmatched_labels)} listings have no photo ({self.label_key} "
-                         f"{examples(self.unmatched_labels)})")
-        elif self.unmatched_labels:
-            lines.append(f"  {len(self.unmatched_labels)} label entries name no photo: {examples(self.unmatched_labels)}")
-        if self.ambiguous_labels:
-            lines.append(f"  {len(self.ambiguous_labels)} photos match several label entries (left unlabelled): "
-                         f"{examples(self.ambiguous_labels)}")
-        if self.malformed_label_rows:
-            lines.append(f"  {len(self.malformed_label_rows)} malformed label rows: {examples(self.malformed_label_rows, 3)}")
-        if self.unreadable_paths:
-            lines.append(f"  {len(self.unreadable_paths)} paths could not be listed or read (not in the catalog): "
-                         f"{examples(self.unreadable_paths, 3)}")
-        lines.append(f"  prepared    {', '.join(self.prepared)} (uint8 arrays in prepared/)")
-        if self.supported_res:
-            lines.append(f"  photo size  {self.photo_size} (median, W x H): train at --res {self.supported_res} for "
-                         f"the website (its own aspect, nothing enlarged); 64x64 for quick runs")
-        return "\n".join(lines)
 
 
 # --- the catalog side (main process) ----------------------------------------------------------
@@ -253,198 +151,9 @@ def _store(con: sqlite3.Connection, results: list[dict]) -> None:
                             [(r["id"], res, blob) for res, blob in r["pixels"].items()])
 
 
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the main process, which stops the pool: one message, no tracebacks."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _start_pool(method: str, workers: int):
-    """A worker pool whose start a Ctrl-C cannot slip through.
-
-    A SIGINT that lands while the main thread forks is raised inside CPython's at-fork hooks,
-    which print it and drop it ("Exception ignored in _releaseLock"): the run went on and exited 0.
-    Blocking SIGINT while the workers fork holds it pending; it is delivered on unblocking, so
-    the KeyboardInterrupt arrives here, after the pool exists. (Workers inherit the blocked
-    mask; they ignore SIGINT anyway.)
-    """
-    ctx = multiprocessing.get_context(method)
-    if not hasattr(signal, "pthread_sigmask"):        # Windows: no fork, no hooks to race
-        return ctx.Pool(workers, initializer=_ignore_sigint)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    pool = None
-    try:
-        pool = ctx.Pool(workers, initializer=_ignore_sigint)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)   # a Ctrl-C held meanwhile is raised here
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        if pool is not None:
-            pool.terminate()
-        raise
-    return pool
-
-
 def _pending(con: sqlite3.Connection) -> list[tuple[int, str]]:
     return [(row[0], catalog.fs_path(row[1]))
             for row in con.execute("SELECT id, path FROM photos WHERE status = 'pending' ORDER BY id")]
-
-
-def _decode_pending(pending: list[tuple[int, str]], store, settings: DecodeSettings, workers: int, progress: bool,
-                    desc: str = "decoding") -> int:
-    """Decode `pending` (id, path) photos, handing results to `store` in small batches."""
-    tasks = [(pid, path, settings) for pid, path in pending]
-    if not tasks:
-        return 0
-    bar = tqdm(total=len(tasks), unit="photo", desc=desc, disable=not progress, smoothing=0.1)
-    batch: list[dict] = []
-    last = time.monotonic()
-
-    def consume(results) -> None:
-        nonlocal batch, last
-        for r in results:
-            batch.append(r)
-            bar.update(1)
-            if len(batch) >= COMMIT_EVERY_N or time.monotonic() - last > COMMIT_EVERY_S:
-                store(batch)
-                batch, last = [], time.monotonic()
-        if batch:
-            store(batch)
-            batch = []
-
-    try:
-        if workers <= 1 or len(tasks) < 8:
-            consume(map(decode_one, tasks))
-        else:
-            # Feed the pool a window at a time: finished pixels wait in memory only until the next
-            # commit, however many photos there are and however far the workers run ahead.
-            per_photo = sum(h * w * 3 for h, w in settings.res) + 4096
-            window = max(workers * 16, min(4096, WINDOW_BYTES // per_photo))
-            chunk = max(1, min(16, window // (workers * 8)))
-            # fork: workers start in milliseconds with the modules already imported
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with _start_pool(method, workers) as pool:
-                for start in range(0, len(tasks), window):
-                    consume(pool.imap_unordered(decode_one, tasks[start:start + window], chunksize=chunk))
-    finally:
-        bar.close()
-    return len(tasks)
-
-
-def _near_duplicates(ids: list[int], phashes: list[str], distance: int) -> dict[int, int]:
-    """id -> lowest earlier id whose perceptual hash differs in fewer than `distance` bits.
-
-    Pigeonhole indexing keeps this near-linear at 200k photos: split the 64 bits into `distance`
-    bands; two hashes that differ in fewer than `distance` bits agree exactly on some band.
-    """
-    if distance <= 0 or not ids:
-        return {}
-    values = [int(h, 16) for h in phashes]
-    bands = min(distance, 64)
-    edges = [round(i * 64 / bands) for i in range(bands + 1)]
-    index: list[dict[int, list[int]]] = [dict() for _ in range(bands)]
-    found: dict[int, int] = {}
-    for pos, value in enumerate(values):
-        best = None
-        keys = [(value >> edges[b]) & ((1 << (edges[b + 1] - edges[b])) - 1) for b in range(bands)]
-        for b, key in enumerate(keys):
-            for other in index[b].get(key, ()):
-                if (best is None or other < best) and bin(value ^ values[other]).count("1") < distance:
-                    best = other
-        if best is not None:
-            found[ids[pos]] = ids[best]
-        for b, key in enumerate(keys):
-            index[b].setdefault(key, []).append(pos)
-    return found
-
-
-def _holdout_value(sha256: str) -> float:
-    return int(sha256[:16], 16) / 2.0 ** 64
-
-
-def _decide(con: sqlite3.Connection, holdout: float, holdout_min: int, near_distance: int) -> None:
-    """Duplicates, near-duplicates and splits from the catalog alone, in id order: deterministic."""
-    rows = con.execute("SELECT id, sha256, phash, label, status, reason, duplicate_of, near_duplicate_of, split "
-                       "FROM photos WHERE status IN ('kept', 'duplicate') ORDER BY id").fetchall()
-    first_of: dict[str, int] = {}
-    state: dict[int, list] = {}   # id -> [status, duplicate_of, reason, near_duplicate_of, split]
-    kept = []
-    for r in rows:
-        original = first_of.setdefault(r["sha256"], r["id"])
-        if original == r["id"]:
-            state[r["id"]] = ["kept", None, None, None, None]
-            kept.append(r)
-        else:
-            state[r["id"]] = ["duplicate", original, f"identical to {original}", None, None]
-    near = _near_duplicates([r["id"] for r in kept], [r["phash"] for r in kept], near_distance)
-    sizes = Counter(r["label"] for r in kept)
-    values = {r["id"]: _holdout_value(r["sha256"]) for r in kept}
-    lowest: dict[str | None, int] = {}
-    for r in kept:
-        best = lowest.get(r["label"])
-        if best is None or (values[r["id"]], r["id"]) < (values[best], best):
-            lowest[r["label"]] = r["id"]
-    for r in kept:   # ascending id, so a near-duplicate's original is decided first
-        pid = r["id"]
-        original = near.get(pid)
-        state[pid][3] = original
-        if original is not None:
-            # a near copy of a training photo in the holdout would flatter every metric
-            state[pid][4] = state[original][4]
-        else:
-            eligible = holdout > 0 and sizes[r["label"]] >= holdout_min
-            state[pid][4] = "holdout" if eligible and (values[pid] < holdout or pid == lowest[r["label"]]) else "train"
-    with con:
-        con.execute("UPDATE photos SET duplicate_of = NULL, near_duplicate_of = NULL, split = NULL "
-                    "WHERE status NOT IN ('kept', 'duplicate') AND (duplicate_of IS NOT NULL OR "
-                    "near_duplicate_of IS NOT NULL OR split IS NOT NULL)")
-        updates = [(s[0], s[1], s[2], s[3], s[4], r["id"]) for r in rows for s in [state[r["id"]]]
-                   if (r["status"], r["duplicate_of"], r["reason"], r["near_duplicate_of"], r["split"]) != tuple(s)]
-        con.executemany("UPDATE photos SET status = ?, duplicate_of = ?, reason = ?, near_duplicate_of = ?, split = ? "
-                        "WHERE id = ?", updates)
-
-
-def _remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
-    """Temporary files of atomic writes a kill interrupted (atomic_path names them '.NAME.*')."""
-    if folder.is_dir():
-        for name in names:
-            for stale in folder.glob(f".{name}.*"):
-                stale.unlink(missing_ok=True)
-
-
-def _write_prepared(con: sqlite3.Connection, ws, settings: DecodeSettings, progress: bool) -> list[str]:
-    ids_sha = con.execute("SELECT id, sha256 FROM photos WHERE status = 'kept' ORDER BY id").fetchall()
-    ids = np.array([r[0] for r in ids_sha], dtype=np.int64)
-    written = []
-    for res in settings.res:
-        name = res_name(res)
-        folder = ws.prepared_dir(res)
-        fingerprint = hashlib.sha256(json.dumps([name, settings.fit, [tuple(r) for r in ids_sha]]).encode()).hexdigest()
-        if (_meta_get(con, f"prepared:{name}") == fingerprint and (folder / "images.npy").is_file()
-                and (folder / "photo_ids.npy").is_file()):
-            written.append(name)
-            continue
-        h, w = res
-        _remove_stale_temporaries(folder, ("images.npy", "photo_ids.npy"))
-        folder.mkdir(parents=True, exist_ok=True)
-        check_free_space(folder, len(ids) * (h * w * 3 + 8) + (1 << 20), f"the {name} arrays")
-        # Streamed with plain writes, not through a memory map: a mapped write dies by SIGBUS when
-        # the disk fills (here it is an ENOSPC, reported), and mapped pages would count in the
-        # process's memory, 2.7 GB for 217k photos at 64x64.
-        with atomic_path(folder / "images.npy") as tmp, open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
-                                                     "shape": (len(ids), h, w, 3)})
-            cursor = con.execute("SELECT p.id, x.data FROM photos p LEFT JOIN pixels x ON x.photo_id = p.id AND x.res = ? "
-                                 "WHERE p.status = 'kept' ORDER BY p.id", (name,))
-            for i, (pid, blob) in enumerate(tqdm(cursor, total=len(ids), unit="photo", desc=f"writing {name}",
-                                                 disable=not progress)):
-                if blob is None or pid != ids[i] or len(blob) != h * w * 3:
-                    raise RuntimeError(f"catalog inconsistent: kept photo {pid} has no pixels at {name}")
-                f.write(blob)
-        with atomic_path(folder / "photo_ids.npy") as tmp:
-            np.save(tmp, ids)
-        with con:
-            _meta_set(con, f"prepared:{name}", fingerprint)
-        written.append(name)
-    return written
 
 
 def _decode_share(workspace, settings: DecodeSettings, workers: int, dd: Dist) -> None:
@@ -455,7 +164,7 @@ def _decode_share(workspace, settings: DecodeSettings, workers: int, dd: Dist) -
     root = open_workspace(workspace).root
     con = open_shard(root, dd.rank)
     try:
-        _decode_pending(pending[dd.rank::dd.world], lambda batch: store_shard(con, batch), settings, workers,
+        decode_pending(pending[dd.rank::dd.world], lambda batch: store_shard(con, batch), settings, workers,
                         progress=False)
     finally:
         con.close()
@@ -561,17 +270,16 @@ def _catalog_side(root: Path, workspace, labels, table, settings: DecodeSettings
         pending = _pending(con)
         send(pending)
         share = f" (share 1 of {dd.world})" if dd.world > 1 else ""
-        summary.decoded = _decode_pending(pending[::dd.world], lambda batch: _store(con, batch), settings, workers,
+        summary.decoded = decode_pending(pending[::dd.world], lambda batch: _store(con, batch), settings, workers,
                                           progress, desc="decoding" + share)
         if dd.world > 1:
             dd.barrier()   # every share is in its shard file
             summary.decoded += merge_shards(con, ws.root)
-        _decide(con, holdout, holdout_min, near_duplicate_distance)
+        decide(con, holdout, holdout_min, near_duplicate_distance)
         label_counts = Counter(r[0] for r in con.execute("SELECT label FROM photos WHERE status = 'kept'"))
         names = sorted(k for k in label_counts if k is not None)
-        _remove_stale_temporaries(ws.root, ("labels.json",))
-        atomic_write_json(ws.labels_path, {"names": names, "counts": {k: label_counts[k] for k in names}})
-        summary.prepared = _write_prepared(con, ws, settings, progress)
+        write_label_names(ws, {k: label_counts[k] for k in names})
+        summary.prepared = write_prepared(con, ws, settings.res, settings.fit, progress)
 
         counts = Counter(r[0] for r in con.execute("SELECT status FROM photos"))
         summary.files = sum(counts.values())
