@@ -15,17 +15,19 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    bytes, so it is the same on every machine);
 2. train each model (--models, default dcgan then projected) for the same wall-clock budget
    through `neighbourhoods.train.train`, each with its own recipe (loss, lr, augmentation);
-3. sample --samples images from each run's EMA generator, cities drawn in proportion to the
-   held-out photos (a held-out city without its own class is drawn as "(any city)"), and score
-   them against the held-out photos by KID in the standard FID Inception space
-   (neighbourhoods.inception + neighbourhoods.metrics.kid: mean and std over 100 subsets);
-   (neighbourhoods.metrics.precision_recall, k=3, is reported beside it: recall is diversity);
-   and, per city with its own class and at least 25 held-out photos, KID and within-city
-   diversity (mean pairwise Inception distance among its samples over the same among its
-   held-out photos: 1.0 = as varied as the real photos);
-   with --served WxH, the same samples are also scored as thumbnails: through generate's and
-   serve's path at that size (the workspace's upscaler, crop to fill, JPEG), against the held-out
-   photos read from their files and cropped to that size (neighbourhoods.evaluate's helpers);
+3. score each run by the project's one protocol, `neighbourhoods.scoring.score_run` (the
+   function `neighbourhoods evaluate` is): --samples images from its EMA generator, cities in the
+   held-out split's proportions (largest remainder; a held-out city without its own class is
+   drawn from "(any city)" through the run's city map), sample i at seed i; FID, KID (mean and
+   std over 100 subsets), precision/recall (k=3) against the held-out photos in the standard FID
+   Inception space; per-city KID and within-city diversity (cities with their own class and at
+   least 25 held-out photos); the real-vs-real floor; novelty in the Inception and EfficientNet
+   spaces. Its metrics.json goes into the run's eval folder (the report shows it), and the
+   summary prints the `neighbourhoods evaluate ...` command that reproduces every figure;
+   with --served WxH, the same samples are also scored as thumbnails (score_run at that size:
+   generate's and serve's path, the workspace's upscaler, crop to fill, JPEG, against the
+   held-out photos read from their files and cropped to that size; novelty is the samples',
+   so not computed twice), reproduced by the same command with --size WxH;
    with several --res, every model trains at each (same budget each) and all meet at that size;
    with --grow M, each run first trains M minutes of its budget at half the resolution and is
    then grown by an octave (train --grow-from) for the rest: one budget, counted over both;
@@ -33,7 +35,8 @@ On ../shared/data/socal (real SoCal listing exteriors with their cities):
    JSON to --out (default bench/results/quality.json), and print a summary.
 Each model is scored in a child process (on all threads) before the next one trains; with
 --overlap-scoring the next model trains meanwhile, and the scorer keeps to one thread (scoring
-2,000 images through Inception then takes ~9 minutes on a CPU). Not the default: on a 2-core
+2,000 images through Inception and the two EfficientNet spaces then takes well over 10 minutes on
+a CPU). Not the default: on a 2-core
 machine a 2-thread trainer beside the scorer fell from ~25 to 3.2 img/s at 96x128 (its threads
 spin-wait for the core the scorer holds), which took a third of its budget from the later model.
 
@@ -48,6 +51,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -60,24 +64,20 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from neighbourhoods import scoring  # noqa: E402
 from neighbourhoods.core.grid import save_grid  # noqa: E402
 from neighbourhoods.core.prepared import load_split  # noqa: E402
 from neighbourhoods.core.resolution import ThumbSize, parse_res, res_name  # noqa: E402
 from neighbourhoods.core.workspace import Workspace, atomic_write_json  # noqa: E402
-from neighbourhoods.evaluate import real_photos_at, served_thumbnails  # noqa: E402
 from neighbourhoods.ingest import ingest  # noqa: E402
-from neighbourhoods.metrics import scores as metrics  # noqa: E402
-from neighbourhoods.metrics.features import split_features  # noqa: E402
-from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate  # noqa: E402
 from neighbourhoods.models import runs  # noqa: E402
-from neighbourhoods.nets import inception  # noqa: E402
+from neighbourhoods.scoring import ScoringConfig, served_thumbnails  # noqa: E402
 from neighbourhoods.train import TrainConfig, train  # noqa: E402
 from neighbourhoods.upscale import ensure_sr  # noqa: E402
 
 HOLDOUT = 0.15
 GRID_CITIES = 8
 GRID_SEEDS = 8
-MIN_CITY_HOLDOUT = 25   # per-city KID and diversity for cities with at least this many held-out photos
 
 
 def prepare_workspace(data: Path, ws_root: Path, res: tuple[int, int]) -> Workspace:
@@ -89,78 +89,64 @@ def prepare_workspace(data: Path, ws_root: Path, res: tuple[int, int]) -> Worksp
     return ws
 
 
-def eval_classes(gen: runs.LoadedGenerator, holdout_cities: list[str], n: int, seed: int = 0) -> np.ndarray:
-    """`n` class indices drawn in proportion to the held-out photos' cities."""
-    fallback = gen.class_names.index(runs.ANY_CITY) if runs.ANY_CITY in gen.class_names else None
-    per_photo = []
-    for city in holdout_cities:
-        if city in gen.class_names:
-            per_photo.append(gen.class_names.index(city))
-        elif fallback is not None:
-            per_photo.append(fallback)
-    if not per_photo:
-        raise SystemExit("no held-out photo belongs to a class the generator knows")
-    return np.random.default_rng(seed).choice(np.array(per_photo), size=n)
+def evaluate_command(ws_root: Path, run_dir: Path, config: ScoringConfig) -> str:
+    """The `neighbourhoods evaluate` command that scores `run_dir` by `config`: the same figures."""
+    default = ScoringConfig()
+    parts = ["neighbourhoods evaluate", "-w", shlex.quote(str(ws_root)), "--run", shlex.quote(run_dir.name),
+             "--n", str(config.n)]
+    if config.seed != default.seed:
+        parts += ["--seed", str(config.seed)]
+    if config.min_city_holdout != default.min_city_holdout:
+        parts += ["--min-city-holdout", str(config.min_city_holdout)]
+    if config.device != default.device:
+        parts += ["--device", shlex.quote(config.device)]
+    if config.size is not None:
+        parts += ["--size", f"{config.size[0]}x{config.size[1]}"]
+    if config.upscale is not None:
+        parts += ["--upscale", shlex.quote(config.upscale)]
+    return " ".join(parts)
 
 
-def per_city_scores(gen: runs.LoadedGenerator, real_feats: np.ndarray, holdout_cities: list[str],
-                    classes: np.ndarray, feats: np.ndarray, min_holdout: int = MIN_CITY_HOLDOUT) -> list[dict]:
-    """KID and within-city diversity of each city with its own class and enough held-out photos."""
-    out = []
-    cities = np.array(holdout_cities)
-    for c, name in enumerate(gen.class_names):
-        real = real_feats[cities == name]
-        fake = feats[classes == c]
-        if name == runs.ANY_CITY or len(real) < min_holdout or len(fake) < 2:
-            continue
-        mean, std = metrics.kid(real, fake, subset_size=min(len(real), len(fake)))
-        out.append({"city": name, "holdout": int(len(real)), "generated": int(len(fake)), "kid_mean": mean,
-                    "kid_std": std, "diversity": metrics.diversity_ratio(real, fake)})
-    return out
+def summary(result: dict, ws_root: Path, run_dir: Path, config: ScoringConfig) -> dict:
+    """The bench's figures of one score_run result (flat, as earlier results had them)."""
+    q = result["quality"]
+    return {"fid": q["fid"], "kid_mean": q["kid"]["mean"], "kid_std": q["kid"]["std"], "precision": q["precision"],
+            "recall": q["recall"], "within_city_diversity": q["within_city_diversity"],
+            "per_city": [{"city": c["city"], "holdout": c["holdout"], "generated": c["generated"],
+                          "kid_mean": c["kid"]["mean"], "kid_std": c["kid"]["std"], "diversity": c["diversity"]}
+                         for c in result["per_city"]],
+            "real_vs_real_floor": result["real_vs_real_floor"], "scored_at": result["scored_at"],
+            "metrics": result.get("path"), "evaluate_command": evaluate_command(ws_root, run_dir, config)}
 
 
-def score_run(run_dir: Path, real_feats: np.ndarray, holdout_cities: list[str], top_cities: list[str],
-              samples: int, grid_path: Path, device: str = "cpu", served: dict | None = None) -> dict:
-    """Sample from the run's EMA generator, KID against the held-out features, and a grid;
-    `served` ({"size", "workspace", "real_feats"}): the same at thumbnail size."""
-    gen = runs.load_generator(run_dir, device=device)
-    classes = eval_classes(gen, holdout_cities, samples)
+def score_run(ws_root: Path, run_dir: Path, top_cities: list[str], grid_path: Path,
+                       config: ScoringConfig, served: tuple[int, int] | None = None) -> dict:
+    """Score the run by the one protocol (scoring.score_run with `config`; at `served` (W, H)
+    too) and draw a grid of its largest cities; `neighbourhoods evaluate` with the returned
+    "evaluate_command" reproduces every figure."""
+    ws = Workspace(ws_root)
     t0 = time.time()
-    images = runs.sample(gen, classes.tolist(), list(range(samples)))
-    net = inception.load_fid_inception(device=device)
-    feats = net.features(images, progress=True, desc=f"inception {run_dir.name}")
-    kid_mean, kid_std = metrics.kid(real_feats, feats)
-    precision, recall = metrics.precision_recall(real_feats, feats)
-    cities = per_city_scores(gen, real_feats, holdout_cities, classes, feats)
-    # novelty as the guard sees it: the share of samples nearer a training photo than 99% of the
-    # held-out photos are (instance conditioning draws from photos' features: it must not copy them)
-    index = NoveltyIndex.build(Workspace(run_dir.parent.parent), gen.res, progress=False, device=device)
-    sims, _ = index.nearest(images)
-    novelty = {"threshold": index.threshold, "memorisation_rate": memorisation_rate(sims, index.threshold),
-               "nearest_similarity_median": float(np.median(sims))}
+    result = scoring.score_run(ws, run_dir, config)
+    gen = runs.load_generator(run_dir, device=config.device)
     rows = [c for c in top_cities if c in gen.class_names][:GRID_CITIES]
     grid_classes = [gen.class_names.index(c) for c in rows for _ in range(GRID_SEEDS)]
     grid = runs.sample(gen, grid_classes, list(range(GRID_SEEDS)) * len(rows))
     save_grid(grid_path, grid, GRID_SEEDS, row_names=rows)
     at_size = None
     if served is not None:
-        ws, size = Workspace(Path(served["workspace"])), tuple(served["size"])
-        thumbs, upscale = served_thumbnails(ws, gen.res, images, size, progress=False)
-        sfeats = net.features(thumbs, progress=True, desc=f"inception {run_dir.name} at {size[0]}x{size[1]}")
-        s_mean, s_std = metrics.kid(served["real_feats"], sfeats)
-        s_precision, s_recall = metrics.precision_recall(served["real_feats"], sfeats)
-        s_cities = per_city_scores(gen, served["real_feats"], holdout_cities, classes, sfeats)
-        grid_thumbs, _ = served_thumbnails(ws, gen.res, grid, (256, 192) if size[0] * 3 == size[1] * 4 else size,
-                                           progress=False)
+        # the same samples as thumbnails; their novelty is the samples' (above), not computed again
+        served_config = replace(config, size=tuple(served), novelty_spaces=())
+        served_result = scoring.score_run(ws, run_dir, served_config)
+        size = tuple(served)
+        grid_thumbs, upscale = served_thumbnails(ws, gen.res, grid, (256, 192) if size[0] * 3 == size[1] * 4 else size,
+                                                 progress=False)
         thumb_grid = grid_path.with_name(grid_path.stem + "-thumbnails.png")
         save_grid(thumb_grid, grid_thumbs, GRID_SEEDS, row_names=rows)
-        at_size = {"size": f"{size[0]}x{size[1]}", "upscale": upscale, "kid_mean": s_mean, "kid_std": s_std,
-                   "precision": s_precision, "recall": s_recall, "per_city": s_cities, "grid": str(thumb_grid),
-                   "within_city_diversity": float(np.mean([c["diversity"] for c in s_cities])) if s_cities else None}
-    return {"served": at_size, "novelty": novelty, "kid_mean": kid_mean, "kid_std": kid_std, "precision": precision, "recall": recall,
-            "samples": samples, "scoring_s": time.time() - t0, "images_seen": gen.images_seen,
-            "grid": str(grid_path), "classes": len(gen.class_names), "per_city": cities,
-            "within_city_diversity": float(np.mean([c["diversity"] for c in cities])) if cities else None}
+        at_size = {"size": f"{size[0]}x{size[1]}", "upscale": upscale, "grid": str(thumb_grid),
+                   **summary(served_result, ws_root, run_dir, served_config)}
+    return {"served": at_size, "novelty": result["novelty"], **summary(result, ws_root, run_dir, config),
+            "samples": config.n, "scoring_s": time.time() - t0, "images_seen": result["images_seen"],
+            "grid": str(grid_path), "classes": len(gen.class_names)}
 
 
 def train_seconds(run_dir: Path, t0: float) -> float:
@@ -170,8 +156,8 @@ def train_seconds(run_dir: Path, t0: float) -> float:
 
 
 def _score_to_file(out: Path, threads: int, *args) -> None:
-    """score_run in a child process (so scoring one model can overlap training the next), on
-    `threads` threads: one beside a training run, else the machine's."""
+    """score_run in a child process (so scoring one model can overlap training the next),
+    on `threads` threads: one beside a training run, else the machine's."""
     torch.set_num_threads(threads)
     atomic_write_json(out, score_run(*args))
 
@@ -193,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default="dcgan,projected", help="comma-separated registered model names")
     p.add_argument("--batch", type=int, default=None, help="batch size for every model (default: each model's recipe, else train's default)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every model (weights, data order, noise)")
-    p.add_argument("--samples", type=int, default=2000, help="generated images scored per model")
+    p.add_argument("--samples", type=int, default=2000, help="generated images scored per model (evaluate's --n)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     p.add_argument("--train-option", action="append", default=[], metavar="FIELD=JSON",
@@ -224,20 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
     first = args.res[0]
     holdout = load_split(ws, first, "holdout")
     train_split = load_split(ws, first, "train")
-    holdout_cities = [holdout.label_names[i] for i in holdout.labels if i >= 0]
     counts = np.bincount(train_split.labels[train_split.labels >= 0], minlength=len(train_split.label_names))
     top_cities = [train_split.label_names[i] for i in np.argsort(-counts, kind="stable")]
     print(f"workspace {ws_root}: {len(train_split)} training photos, {len(holdout)} held out", flush=True)
 
-    real_feats = {res: split_features(ws, res, "holdout", "inception", progress=True, device=args.device)[0]
-                  for res in args.res}
-    served = None
-    if args.served is not None:   # the held-out photos from their files, cropped to the thumbnail size
+    if args.served is not None:
         ensure_sr(ws_root)        # the website path's upscaler, trained once per workspace before any budget
-        photos = real_photos_at(ws, holdout.photo_ids[holdout.labels >= 0], tuple(args.served))
-        served = {"size": list(args.served), "workspace": str(ws_root),
-                  "real_feats": inception.load_fid_inception(device=args.device).features(
-                      photos, progress=True, desc=f"inception of held-out photos at {args.served.name}")}
+    protocol = ScoringConfig(n=args.samples, device=args.device)   # evaluate's defaults otherwise
 
     result = {"data": str(args.data), "workspace": str(ws_root), "res": [list(r) for r in args.res],
               "served": args.served.name if args.served else None,
@@ -296,8 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
         threads = 1 if args.overlap_scoring else torch.get_num_threads()
         result["models"][key]["scoring_threads"] = threads
         grid = run_dir / "samples" / f"bench-{model}.png"
-        proc = ctx.Process(target=_score_to_file, args=(out, threads, run_dir, real_feats[res], holdout_cities,
-                                                        top_cities, args.samples, grid, args.device, served))
+        proc = ctx.Process(target=_score_to_file, args=(out, threads, ws_root, run_dir, top_cities, grid, protocol,
+                                                        tuple(args.served) if args.served else None))
         proc.start()
         if not args.overlap_scoring:
             proc.join()   # the next model's budget must not be shared with this scorer
@@ -309,9 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"scoring {model} failed (exit code {proc.exitcode})")
         scores = json.loads(out.read_text())
         result["models"][model].update(scores)
-        print(f"{model}: KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}, precision {scores['precision']:.3f}, "
-              f"recall {scores['recall']:.3f}, within-city diversity {scores['within_city_diversity'] or 0:.2f}, "
-              f"memorised {scores['novelty']['memorisation_rate'] * 100:.1f}%; grid {scores['grid']}", flush=True)
+        memorised = ", ".join(f"{s} {v['memorisation_rate'] * 100:.1f}%" for s, v in scores["novelty"].items()
+                              if isinstance(v, dict))
+        print(f"{model}: FID {scores['fid']:.2f}, KID {scores['kid_mean']:.4f} +- {scores['kid_std']:.4f}, "
+              f"precision {scores['precision']:.3f}, recall {scores['recall']:.3f}, within-city diversity "
+              f"{scores['within_city_diversity'] or 0:.2f}, memorised {memorised}; grid {scores['grid']}", flush=True)
         for c in scores["per_city"]:
             print(f"  {c['city']}: KID {c['kid_mean']:.4f} +- {c['kid_std']:.4f}, diversity {c['diversity']:.2f} "
                   f"({c['generated']} samples, {c['holdout']} held out)", flush=True)
@@ -320,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{model} as {sv['size']} thumbnails ({sv['upscale']}): KID {sv['kid_mean']:.4f} +- {sv['kid_std']:.4f}, "
                   f"precision {sv['precision']:.3f}, recall {sv['recall']:.3f}, within-city diversity "
                   f"{sv['within_city_diversity'] or 0:.2f}; grid {sv['grid']}", flush=True)
+        print(f"  reproduce: {scores['evaluate_command']}", flush=True)
+        if scores["served"]:
+            print(f"  reproduce as served: {scores['served']['evaluate_command']}", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)   # after each model, so a late failure keeps the first
 

@@ -1,9 +1,13 @@
-"""`evaluate`: metrics against the held-out split, novelty and memorisation, the training KID."""
+"""`evaluate`: the verb over scoring.score_run: metrics against the held-out split, novelty, what it writes.
+
+The protocol itself (cities, seeds, the served path, the training estimate, bench/quality.py
+reproduced) is tests/test_scoring.py."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.prepared import load_split
 from neighbourhoods.metrics import novelty
-from neighbourhoods.metrics.features import cache_path, load_space, split_features
+from neighbourhoods.metrics.features import cache_path, load_space
 
 
 @pytest.fixture(scope="session")
@@ -70,17 +74,6 @@ def test_real_features_are_cached_per_workspace(toy, evaluation):
     for space in ("inception", "efficientnet"):
         with np.load(cache_path(toy.ws, space, RES)) as f:
             assert len(f["photo_ids"]) == len(load_split(toy.ws, RES, None))
-
-
-def test_samples_are_spread_over_cities_like_the_held_out_photos():
-    assert ev.allocate(np.array([10, 30, 0, 60]), 7).tolist() == [1, 2, 0, 4]
-    assert ev.allocate(np.array([1, 1, 1]), 10).sum() == 10
-
-
-def test_cities_without_a_class_of_their_own_sample_the_shared_class():
-    lut = ev.class_of_label(["A", "B", "tiny"], ["A", "B", "(any city)"])
-    assert lut.tolist() == [0, 1, 2, 2]     # the last slot: photos with no label
-    assert ev.class_of_label(["A", "gone"], ["A", "B"]).tolist() == [0, -1, -1]
 
 
 def test_cli_evaluate_prints_json(toy, evaluation, capsys, tmp_path):
@@ -146,28 +139,6 @@ def test_near_duplicate_held_out_photos_are_left_out_of_the_calibration(toy):
     assert novelty.independent_holdout(toy.ws, holdout.photo_ids, train.photo_ids).all()   # toy town has none
 
 
-# --- cheap KID during training ------------------------------------------------------------------
-def test_quick_kid_is_near_zero_for_real_photos_and_large_for_grey_ones(toy, spaces):
-    train = load_split(toy.ws, RES, "train")
-    real, _, _ = split_features(toy.ws, RES, "holdout", spaces["inception"], progress=False)
-    photos = lambda n: np.asarray(train.images[train.rows[:n]])                # noqa: E731
-    grey = lambda n: np.full((n, RES[0], RES[1], 3), 128, dtype=np.uint8)     # noqa: E731
-    real_mean, real_std = ev.quick_kid(photos, real, n=8, extractor=spaces["inception"], subsets=20)
-    grey_mean, _ = ev.quick_kid(grey, real, n=8, extractor=spaces["inception"], subsets=20)
-    # 8 samples make a noisy estimate: the margin is what a training curve can rely on
-    assert grey_mean > 5 * real_mean and grey_mean > real_mean + 10 * real_std
-
-
-def test_training_kid_scores_a_generator_against_the_held_out_photos(toy):
-    from neighbourhoods.models import runs
-
-    gen = runs.load_generator(toy.run_dir)
-    gen.model.train()
-    mean, std = ev.training_kid(toy.ws, RES, gen.model, gen.class_names, n=8)
-    assert mean > 0 and std >= 0
-    assert gen.model.training, "the model's train/eval mode is restored"
-
-
 # --- the per-workspace feature cache --------------------------------------------------------------
 def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
     from neighbourhoods.core.workspace import Workspace
@@ -196,49 +167,18 @@ def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
 
 
 # --- scored as served --------------------------------------------------------------------------
-def test_evaluate_at_served_size_scores_thumbnails_against_photos_cropped_to_it(toy):
+def test_evaluate_at_served_size_scores_thumbnails_against_photos_cropped_to_it(toy, evaluation):
     cfg = ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3, size=(40, 30), upscale="lanczos")
     result = ev.evaluate(toy.ws, toy.run, cfg, progress=False)
     assert result["scored_at"] == "40x30 thumbnails (lanczos, jpg)"
     assert result["path"].endswith("metrics-40x30.json")        # beside the native evaluation, not over it
-    native = ev.evaluate(toy.ws, toy.run, ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3), progress=False)
-    assert native["path"].endswith("metrics.json") and native["scored_at"] == "32x32 samples"
+    native = evaluation   # the same samples, scored as they are
+    assert Path(native["path"]).is_file() and native["scored_at"] == "32x32 samples"
     assert result["quality"]["kid"]["mean"] != native["quality"]["kid"]["mean"]
     assert result["quality"]["fid"] > 2 * result["real_vs_real_floor"]["fid"]   # grey blobs stay far from photos
 
 
-def test_real_photos_at_a_size_are_their_files_cropped_to_fill(toy):
-    from PIL import Image
-
-    from neighbourhoods.core import catalog
-    from neighbourhoods.thumbnails.upscalers import cover_box
-
-    holdout = load_split(toy.ws, RES, "holdout")
-    photos = ev.real_photos_at(toy.ws, holdout.photo_ids[:3], (40, 30), progress=False)
-    assert photos.shape == (3, 30, 40, 3) and photos.dtype == np.uint8
-    con = catalog.connect(toy.ws.catalog_path)
-    path = con.execute("SELECT path FROM photos WHERE id = ?", (int(holdout.photo_ids[0]),)).fetchone()[0]
-    con.close()
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        expected = np.asarray(im.resize((40, 30), Image.LANCZOS, box=cover_box(im.size, (40, 30))))
-    assert np.array_equal(photos[0], expected)
-
-
-def test_served_thumbnails_are_what_generate_writes(toy, tmp_path):
-    from PIL import Image
-
-    from neighbourhoods.generate import GenerateConfig, generate
-    from neighbourhoods.models import runs
-
-    out = tmp_path / "gen"
-    manifest = generate(toy.ws.root, toy.run, out, GenerateConfig(n=2, size=(40, 30), upscale="lanczos",
-                                                                  novelty=False, cities=[CITIES[0]]), progress=False)
-    gen = runs.load_generator(toy.run_dir)
-    files = manifest["cities"][CITIES[0]]["files"]
-    match = gen.city_map.resolve(CITIES[0])            # a city of its own class: its seeds are the seeds
-    samples = runs.sample(gen, [match.class_index] * 2, [match.seed(f["seed"]) for f in files])
-    thumbs, name = ev.served_thumbnails(toy.ws, RES, samples, (40, 30), "lanczos", "jpg", progress=False)
-    assert name == "lanczos"
-    for f, t in zip(files, thumbs):
-        assert np.array_equal(np.asarray(Image.open(out / f["file"]).convert("RGB")), t)
+def test_describe_prints_every_figure_of_the_evaluation(evaluation):
+    text = ev.describe(evaluation)
+    assert f"FID {evaluation['quality']['fid']:.2f}" in text
+    assert "real-vs-real floor" in text and "memorised (inception)" in text and evaluation["path"] in text

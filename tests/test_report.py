@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,21 @@ def test_report_without_an_evaluation_says_how_to_make_one(evaluated, tmp_path):
     text = report.build_report(evaluated.ws, str(copy))
     assert "neighbourhoods evaluate --workspace" in text
     assert "not evaluated yet" in text
+
+
+def test_report_shows_the_thumbnails_figures_beside_the_samples(evaluated, tmp_path):
+    from neighbourhoods.scoring import ScoringConfig, score_run
+
+    copy = tmp_path / "copy-of-run"
+    shutil.copytree(evaluated.run_dir, copy, ignore=shutil.ignore_patterns("eval", "report.html"))
+    cfg = ScoringConfig(n=8, kid_subsets=5, min_city_holdout=3, novelty_spaces=("inception",))
+    native = score_run(evaluated.ws, copy, cfg, progress=False)
+    served = score_run(evaluated.ws, copy, replace(cfg, size=(40, 30), upscale="lanczos", novelty_spaces=()),
+                       progress=False)
+    text = report.build_report(evaluated.ws, str(copy))
+    assert f"{native['quality']['fid']:.2f}" in text
+    assert "As served" in text and "40x30 thumbnails (lanczos, jpg)" in text
+    assert f"{served['quality']['fid']:.2f}" in text
 
 
 def test_training_kid_curve_is_drawn_when_logged(tmp_path):

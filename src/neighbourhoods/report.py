@@ -3,8 +3,10 @@
 Everything is inside the file: images are PNG data URIs, plots are inline SVG drawn here (no
 plotting dependency, and text stays sharp and searchable). Sections:
 
-1. metrics: the latest `evaluate` of the run (FID, KID, precision/recall, per-city KID, the
-   real-vs-real floor, memorisation rates), or the command that produces them;
+1. metrics: what `evaluate` (neighbourhoods.scoring.score_run) wrote for the run's latest
+   checkpoint scored (FID, KID, precision/recall, per-city KID, the real-vs-real floor,
+   memorisation rates; the thumbnails' figures at each served size beside them), or the command
+   that produces them;
 2. data: what ingest kept and rejected, the train/held-out split per city, clusters if any;
 3. training curves: losses and the cheap training KID from metrics.jsonl;
 4. progress: the fixed-seed sample grids over training (same seeds, getting better);
@@ -30,7 +32,8 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import res_name
 from neighbourhoods.core.workspace import Workspace, atomic_write_text, open_workspace
 from neighbourhoods.models import runs
-from neighbourhoods.models.runs import eval_dir, latest_evaluation
+from neighbourhoods.models.runs import eval_dir
+from neighbourhoods.scoring import NOVELTY_FILE, evaluations
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -281,13 +284,13 @@ def _prepared_lookup(ws: Workspace, res: tuple[int, int]):
 def novelty_section(ws: Workspace, run_dir: Path, evaluation: dict | None, scale: int = 2) -> str:
     if evaluation is None:
         return "<p class='note'>not evaluated yet</p>"
-    path = eval_dir(run_dir, evaluation["images_seen"]) / "novelty.npz"
+    path = eval_dir(run_dir, evaluation["images_seen"]) / NOVELTY_FILE
     if not path.is_file():
         return "<p class='note'>novelty data missing: run evaluate again</p>"
     with np.load(path, allow_pickle=False) as f:
         data = {k: f[k] for k in f.files}
     lookup = _prepared_lookup(ws, tuple(evaluation["res"]))
-    spaces = [s for s in ("inception", "efficientnet") if f"{s}_similarity" in data]
+    spaces = [s for s in ("inception", "efficientnet", "efficientnet-native") if f"{s}_similarity" in data]
     parts = []
     for s in spaces:
         thr = float(data[f"{s}_threshold"])
@@ -311,34 +314,64 @@ def novelty_section(ws: Workspace, run_dir: Path, evaluation: dict | None, scale
     return "\n".join(parts)
 
 
-def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=None, seeds: int = 8) -> str:
+def _kid(k: dict | None) -> str:
+    return f"{k['mean'] * 1000:.2f} ± {k['std'] * 1000:.2f}" if k else "-"
+
+
+def _num(value, fmt: str) -> str:
+    return format(value, fmt) if value is not None else "-"
+
+
+def quality_rows(q: dict, floor: dict | None) -> list[list[str]]:
+    """FID, KID, precision, recall: the scored images' and the real-vs-real floor's."""
+    floor = floor or {}
+    return [["FID (lower is better)", _num(q.get("fid"), ".2f"), _num(floor.get("fid"), ".2f")],
+            ["KID x1e-3 (mean ± std over subsets)", _kid(q["kid"]), _kid(floor.get("kid"))],
+            ["precision (fidelity)", _num(q.get("precision"), ".3f"), _num(floor.get("precision"), ".3f")],
+            ["recall (coverage)", _num(q.get("recall"), ".3f"), _num(floor.get("recall"), ".3f")]]
+
+
+def served_section(served: list[dict]) -> str:
+    """The figures of the thumbnails as served (evaluate --size), one column per size."""
+    if not served:
+        return ""
+    rows = [["scored as"] + [esc(e.get("scored_at", "?")) for e in served]]
+    for i, name in enumerate(["FID", "KID x1e-3", "precision", "recall"]):
+        rows.append([name] + [quality_rows(e["quality"], None)[i][1] for e in served])
+    rows.append(["real-vs-real floor: FID"] + [quality_rows(e["quality"], e.get("real_vs_real_floor"))[0][2]
+                                                for e in served])
+    rows.append(["within-city diversity"] + [_num(e["quality"].get("within_city_diversity"), ".2f") for e in served])
+    return ("<h3>As served: thumbnails against the held-out photos cropped to the same size</h3>"
+            + table(["", *[f"{e['config']['size'][0]}x{e['config']['size'][1]}" for e in served]], rows))
+
+
+def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=None, seeds: int = 8,
+                    served: list[dict] = ()) -> str:
     if evaluation is None:
         return (f"<p class='note'>No evaluation of this run yet. Run <code>neighbourhoods evaluate --workspace "
                 f"{esc(ws.root)} --run {esc(run_name)}</code> and write the report again.</p>")
-    q, nov, floor = evaluation["quality"], evaluation["novelty"], evaluation.get("real_vs_real_floor")
-    kid = lambda k: f"{k['mean'] * 1000:.2f} ± {k['std'] * 1000:.2f}"   # noqa: E731
-    rows = [["FID (lower is better)", f"{q['fid']:.2f}", f"{floor['fid']:.2f}" if floor else "-"],
-            ["KID x1e-3 (mean ± std over subsets)", kid(q["kid"]), kid(floor["kid"]) if floor else "-"],
-            ["precision (fidelity)", f"{q['precision']:.3f}", f"{floor['precision']:.3f}" if floor else "-"],
-            ["recall (coverage)", f"{q['recall']:.3f}", f"{floor['recall']:.3f}" if floor else "-"]]
+    q, nov, floor = evaluation["quality"], evaluation.get("novelty") or {}, evaluation.get("real_vs_real_floor")
+    rows = quality_rows(q, floor)
     if q.get("within_city_diversity") is not None:
         rows.append(["within-city diversity (1.0 = as varied as the city's real photos)",
                      f"{q['within_city_diversity']:.2f}", "1.00 by construction"])
-    for s in ("inception", "efficientnet"):
-        if s in nov:
-            rows.append([f"memorised, {s} space (threshold {nov[s]['threshold']:.4f})",
-                         f"{nov[s]['memorisation_rate'] * 100:.1f}%", "1% by construction"])
-    rows.append(["memorised in either space", f"{nov['either_space_rate'] * 100:.1f}%", "-"])
+    for s, v in nov.items():
+        if isinstance(v, dict):
+            rows.append([f"memorised, {s} space (threshold {v['threshold']:.4f})",
+                         f"{v['memorisation_rate'] * 100:.1f}%", "1% by construction"])
+    if "either_space_rate" in nov:
+        rows.append(["memorised in any space", f"{nov['either_space_rate'] * 100:.1f}%", "-"])
     head = (f"<p>{evaluation['n_generated']} samples of {esc(evaluation['run'])} at "
-            f"{evaluation['images_seen'] / 1000:g} kimg against {evaluation['n_holdout']} held-out photos at "
-            f"{esc(res_name(tuple(evaluation['res'])))} ({esc(evaluation['evaluated_at'])}). The floor column compares "
+            f"{evaluation['images_seen'] / 1000:g} kimg against {evaluation['n_holdout']} held-out photos, scored as "
+            f"{esc(evaluation.get('scored_at', res_name(tuple(evaluation['res']))))} "
+            f"({esc(evaluation['evaluated_at'])}). The floor column compares "
             f"{floor['n'] if floor else 0} training photos with the same held-out photos: what a generator "
             "indistinguishable from the data would score at this size.</p>")
-    out = head + table(["metric", "generated", "real-vs-real floor"], rows, cls="metrics")
+    out = head + table(["metric", "generated", "real-vs-real floor"], rows, cls="metrics") + served_section(served)
     if evaluation["per_city"]:
         rows = []
         for c in evaluation["per_city"]:
-            row = [esc(c["city"]), kid(c["kid"]), f"{c['diversity']:.2f}" if "diversity" in c else "-",
+            row = [esc(c["city"]), _kid(c["kid"]), f"{c['diversity']:.2f}" if "diversity" in c else "-",
                    c["generated"], c["holdout"]]
             if gen is not None and c["city"] in gen.class_names:   # the seeds behind the diversity figure
                 strip = image_row(runs.sample(gen, [gen.class_names.index(c["city"])] * seeds, list(range(seeds))))
@@ -363,11 +396,12 @@ def build_report(ws: Workspace, run: str, seeds: int = 8, max_cities: int = 16) 
     """The report's HTML, as a string."""
     run_dir = runs.resolve_run(ws, run)
     gen = runs.load_generator(run_dir)
-    evaluation = latest_evaluation(run_dir)
+    found = evaluations(run_dir)   # the samples' figures first, then each served size's
+    evaluation = found[0] if found else None
     config = gen.config
     title = f"neighbourhoods report: {run_dir.name}"
     sections = [
-        ("Metrics", metrics_section(evaluation, ws, run_dir.name, gen=gen, seeds=seeds)),
+        ("Metrics", metrics_section(evaluation, ws, run_dir.name, gen=gen, seeds=seeds, served=found[1:])),
         ("Data", data_section(ws, tuple(gen.res))),
         ("Training curves", curves_section(run_dir)),
         ("Progress (fixed seeds over training)", progress_section(run_dir)),

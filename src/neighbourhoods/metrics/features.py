@@ -171,8 +171,11 @@ _UNWRITABLE: set[Path] = set()
 
 def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows: np.ndarray,
                    photo_ids: np.ndarray, space: str | FeatureSpace, progress: bool = True,
-                   device: str = "cpu", chunk: int = 512, step: int = 64) -> np.ndarray:
+                   device: str = "cpu", chunk: int = 512, step: int = 64, path: Path | None = None) -> np.ndarray:
     """Features of prepared rows `rows` (catalog ids `photo_ids`), from the cache where valid.
+
+    `path`: the cache file (default: the space's at `res`, cache_path); the photos at a served
+    thumbnail size (scoring.served_real_features) keep their own.
 
     `space` is a FeatureSpace or its name; by name, the network is loaded only if some rows
     are not cached yet. Photos are processed `step` at a time. The cache (one file) is rewritten
@@ -184,7 +187,7 @@ def photo_features(ws: Workspace, res: tuple[int, int], images: np.ndarray, rows
     name = space.name if isinstance(space, FeatureSpace) else space
     wanted = space.protocol if isinstance(space, FeatureSpace) else protocol(name, device)
     dim = DIMS[name]
-    path = cache_path(ws, name, res)
+    path = path or cache_path(ws, name, res)
     digests = _digests(images, rows)
     cached = _read_cache(path, wanted)
     if cached is None:
