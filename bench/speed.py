@@ -1,14 +1,15 @@
 """Benchmark: training images/s of the default model's variants at one resolution, interleaved.
 
     python bench/speed.py --res 96x128                       # every variant, 5 rounds
-    python bench/speed.py --res 96x128 --variants default,grown,compile --rounds 3
+    python bench/speed.py --res 64x64 --variants default,feature-1 --rounds 3
 
-What one training step of `train` costs (G forward, D on real and fake, both backward passes,
-both Adam steps, the recipe's loss with its mode-seeking term, bf16 autocast where the CPU has
-it), on random tensors: quality is not measured here (bench/quality.py is), only the price of
-each candidate for "quality per CPU-minute" at the website's size:
+Each variant runs the training loop's own step (`train.loop.train_step`: G's forward, D on real
+and fake, both backward passes, both Adam steps, the recipe's loss with its mode-seeking and
+layout terms, G_ema's update, bf16 autocast where the CPU has it), with networks, optimizers
+and loss built as `train` builds them (`build_nets`, `GANLoss`), on random photos: quality is
+not measured here (bench/quality.py is), only the price of each candidate:
 
-    default       the recipe's G and D
+    default       the recipe's G and D (with its 16-component layout prior, unfitted)
     grown         G with the layout `train --grow-from` builds from a default half-size run
                   (its channels plus one slim top block): a cheaper G
     grown-native  ... from a half-size run built with g_grow_octaves 1: the native layout
@@ -16,15 +17,12 @@ each candidate for "quality per CPU-minute" at the website's size:
                   run of grown-native costs, measured at this --res
     feature-1     D's feature network fed the image at its own size (feature_min_side 0; the
                   recipe enlarges it by octaves to >= 96 px on the shorter side: 64 -> 128)
-    feature-0.75  ... at 3/4 of its own size (feature_res 0.75)
-    feature-0.5   ... at 1/2 of its own size
-    channels-last both nets and the images in channels_last memory format
-    compile       torch.compile of G and D (the first steps, compiling, are not timed)
-    g-wide        G twice as wide below its base (g_min_channels 32: 32 channels at the top
-                  level instead of 16, each level up to the 256 cap doubled likewise)
+    g-wide        G twice as wide below its base (g_min_channels 32)
 
 Rounds alternate the variants (A B C A B C ...) so a change in the machine's load hits all of
 them alike; the JSON has every round and each variant's median, and its ratio to the default.
+channels_last (0.77x) and torch.compile (fails on the loop's pattern) were measured and dropped
+(docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -46,18 +44,20 @@ sys.path.insert(0, str(REPO / "src"))
 from neighbourhoods import models  # noqa: E402
 from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
 from neighbourhoods.core.workspace import atomic_write_json  # noqa: E402
-from neighbourhoods.models import projected  # noqa: E402
-from neighbourhoods.nets.devices import autocast_dtype  # noqa: E402
+from neighbourhoods.nets.devices import Dist, autocast_dtype  # noqa: E402
+from neighbourhoods.train.config import LAYOUT_WEIGHT, TrainConfig, resolve_config  # noqa: E402
+from neighbourhoods.train.ema import ema_beta  # noqa: E402
+from neighbourhoods.train.loop import train_step  # noqa: E402
 from neighbourhoods.train.loss import GANLoss  # noqa: E402
+from neighbourhoods.train.state import build_nets  # noqa: E402
 
-VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "feature-0.75", "feature-0.5", "channels-last", "compile", "g-wide")
+VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "g-wide")
 CLASSES = 26   # socal's training classes at the default --min-city-photos
 
 
 def make_step(variant: str, res: tuple[int, int], batch: int):
-    """A closure running one training step of `variant` on fixed random data."""
-    recipe = models.recipe("projected")
-    kwargs = dict(recipe.get("model_kwargs", {}))
+    """A closure running one step of the training loop for `variant` on fixed random photos."""
+    kwargs = dict(models.recipe("projected").get("model_kwargs", {}))
     if variant in ("grown", "grown-native"):
         small = {**kwargs, "g_grow_octaves": 1} if variant == "grown-native" else kwargs
         kwargs = models.grown_kwargs("projected", (res[0] // 2, res[1] // 2), small)
@@ -65,44 +65,27 @@ def make_step(variant: str, res: tuple[int, int], batch: int):
         kwargs["g_grow_octaves"] = 1
     if variant == "g-wide":
         kwargs["g_min_channels"] = 32
-    if variant.startswith("feature-"):
-        kwargs.update(feature_res=float(variant.split("-")[1]), feature_min_side=0)
-    torch.manual_seed(0)
-    G, D = projected.build(CLASSES, res, **kwargs)
-    G.train()
-    D.train()
-    fmt = torch.channels_last if variant == "channels-last" else torch.contiguous_format
-    G, D = G.to(memory_format=fmt), D.to(memory_format=fmt)
-    g_run, d_run = (torch.compile(G), torch.compile(D)) if variant == "compile" else (G, D)
-    loss = GANLoss(recipe["loss"], recipe["augment"], recipe["mode_seeking"], recipe["mode_seeking_space"])
-    d_params = D.trainable_parameters()
-    opt_g = torch.optim.Adam(G.parameters(), recipe["lr_g"], betas=recipe["betas"])
-    opt_d = torch.optim.Adam(d_params, recipe["lr_d"], betas=recipe["betas"])
-    dtype = autocast_dtype("auto", torch.device("cpu"))
+    if variant == "feature-1":
+        kwargs["feature_min_side"] = 0
+    cfg = resolve_config(TrainConfig(res=res, batch=batch, model_kwargs=kwargs))
+    if cfg.layouts:   # the layout prior's size, as the loop adds it (its fit does not change the cost)
+        kwargs = {**kwargs, "layouts": cfg.layouts, "layout_dim": int(kwargs.get("layout_dim", 32))}
+    device = torch.device("cpu")
+    nets = build_nets(cfg, CLASSES, device, Dist(0, 1, 0), kwargs)
+    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train,
+                   kind=models.recipe(cfg.model)["loss"], augment=cfg.augment, mode_seeking=cfg.mode_seeking,
+                   layout_weight=LAYOUT_WEIGHT)
+    dtype = autocast_dtype(cfg.amp, device)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
-    real = (torch.rand(batch, 3, *res) * 2 - 1).contiguous(memory_format=fmt)
+    real = torch.rand(batch, 3, *res) * 2 - 1
     labels = torch.randint(0, CLASSES, (batch,))
+    beta = ema_beta(cfg, 100_000)
 
     def step() -> None:
-        z = torch.randn(batch, G.z_dim)
-        fake_labels = loss.fake_labels(labels)
-        with autocast():
-            fake = g_run(z, fake_labels)
-            loss_d = loss.discriminator(d_run, real, labels, fake.detach(), fake_labels)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        for p in d_params:
-            p.requires_grad_(False)
-        with autocast():
-            loss_g = loss.generator(d_run, fake, fake_labels, z)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        for p in d_params:
-            p.requires_grad_(True)
+        z = torch.randn(batch, nets.G.z_dim)
+        train_step(nets, loss, real=real, labels=labels, z=z, autocast=autocast, ema=beta)
 
-    return step, sum(p.numel() for p in G.parameters())
+    return step, sum(p.numel() for p in nets.G.parameters())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -128,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for _ in range(3):   # warm-up (and compilation) untimed
                 step()
-        except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a working C++ compiler
+        except Exception as e:  # noqa: BLE001 - a variant that cannot step is reported, not fatal
             failed[v] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"{v}: failed ({failed[v]})", flush=True)
             continue

@@ -11,6 +11,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("NEIGHBOURHOODS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    # Under pytest-xdist each worker is one of as many processes as cores: one thread each (and in
+    # the processes its tests start), or their threads spin-wait for each other's cores.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real listing photos), or skip with a clear message where it is absent."""
@@ -42,5 +52,5 @@ def _train_tiny_run(ws) -> str:
 
     train(ws, TrainConfig(model="dcgan", res=(48, 64), run="tiny", kimg=0.016, batch=8, min_city_photos=1,
                           model_kwargs={"ngf": 16}, snapshot_every=10_000, sample_every=10_000,
-                          grid_rows=3, grid_seeds=2, num_workers=0, progress=False))
+                          num_workers=0, progress=False))
     return "tiny"

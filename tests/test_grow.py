@@ -18,6 +18,7 @@ from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models import runs
 from neighbourhoods.train import TrainConfig, train
+from neighbourhoods.train.config import GROW_FADE_KIMG
 
 TINY = TINY_MODELS["projected"]
 
@@ -29,8 +30,7 @@ def ws(tmp_path_factory):
 
 def tiny(**overrides) -> TrainConfig:
     cfg = TrainConfig(model="projected", res=(32, 32), batch=8, kimg=0.016, min_city_photos=5, model_kwargs=TINY,
-                      snapshot_every=16, sample_every=16, tick_every=8, grid_rows=4, grid_seeds=3,
-                      bn_stat_images=16, num_workers=0, progress=False, augment="color,translation,cutout",
+                      snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=16, num_workers=0, progress=False, augment="color,translation,cutout",
                       mirror=True, ema_kimg=0.01)
     return replace(cfg, **overrides)
 
@@ -41,7 +41,7 @@ def small(ws):
 
 
 def grown(**overrides) -> TrainConfig:
-    return tiny(**{"res": (64, 64), "grow_from": "small", "grow_fade_kimg": 0.016, "model_kwargs": {}, **overrides})
+    return tiny(**{"res": (64, 64), "grow_from": "small", "model_kwargs": {}, **overrides})
 
 
 def weights(run_dir, net="G"):
@@ -85,7 +85,7 @@ def test_a_grown_run_trains_samples_and_says_what_it_grew(ws, small, capsys):
     assert kwargs["g_channels"][:-1] == runs.load_generator(small).model.channels
     gen = runs.load_generator(run)                   # config.json alone rebuilds the grown G
     assert gen.res == (64, 64) and runs.sample(gen, [0, 1], [3, 4]).shape == (2, 64, 64, 3)
-    assert float(gen.model.fade) == 1.0             # 16 images = the whole fade
+    assert float(gen.model.fade) == pytest.approx(0.016 / GROW_FADE_KIMG)   # 16 of the fade's 10,000 images
     assert "growing run small to 64x64" in out
     # its first checkpoint is the smaller run's G_ema below the new block, not yet faded in
     start = load_file(str(run / "checkpoints" / f"{0:010d}" / "G_ema.safetensors"))
@@ -117,8 +117,8 @@ def test_a_grown_run_resumes_exactly(ws, small):
 
 
 def test_a_run_stopped_mid_fade_samples_at_the_fade_it_trained_at(ws, small):
-    run = train(ws, grown(run="grown-mid", kimg=0.008, grow_fade_kimg=0.016))
-    assert float(runs.load_generator(run).model.fade) == 0.5
+    run = train(ws, grown(run="grown-mid", kimg=0.008))
+    assert float(runs.load_generator(run).model.fade) == pytest.approx(0.008 / GROW_FADE_KIMG)   # 8 of 10,000 images
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -139,7 +139,7 @@ def test_growing_a_missing_run_or_another_model_is_refused(ws, small):
         train(ws, grown(run="r1", grow_from="nowhere"))
     dcgan = train(ws, TrainConfig(model="dcgan", res=(32, 32), batch=8, kimg=0.008, min_city_photos=5, run="dc",
                                   model_kwargs={"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
-                                  grid_rows=2, grid_seeds=2, num_workers=0, progress=False))
+                                  num_workers=0, progress=False))
     with pytest.raises(NeighbourhoodsError, match="it is a dcgan run and this one is projected"):
         train(ws, grown(run="r2", grow_from=str(dcgan)))
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_instances import config as instances_config
 from test_train import one_thread  # noqa: F401 (autouse: tiny nets run on one thread)
 from toy_run import make_toy_workspace
 
@@ -32,8 +31,11 @@ def toy_ws(tmp_path_factory) -> Path:
 
 
 def config(**overrides) -> TrainConfig:
-    """test_instances' tiny run, drawn on layouts instead of instances."""
-    return replace(instances_config(instance_k=0, model_kwargs=TINY), **{"layouts": 3, **overrides})
+    """A tiny projected run drawn on a 3-component layout prior, with the recipe's mode seeking."""
+    cfg = TrainConfig(model="projected", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY,
+                      layouts=3, augment="color,translation,cutout", mirror=True, ema_kimg=0.01, snapshot_every=16,
+                      sample_every=16, tick_every=8, bn_stat_images=16, progress=False)
+    return replace(cfg, **overrides)
 
 
 def two_kinds_of_photo(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -120,9 +122,9 @@ def record_layouts(monkeypatch) -> list[torch.Tensor]:
     seen = []
     generator = GANLoss.generator
 
-    def recording(self, *args):
-        seen.append(args[-1].clone())
-        return generator(self, *args)
+    def recording(self, *, fakes):
+        seen.append(fakes.layouts.clone())
+        return generator(self, fakes=fakes)
 
     monkeypatch.setattr(GANLoss, "generator", recording)
     return seen
@@ -133,23 +135,20 @@ def pairs_share(layouts: torch.Tensor) -> bool:
     return torch.equal(layouts[:half], layouts[half:])
 
 
-@pytest.mark.parametrize("pair", [None, False, True])
-def test_mode_seeking_pairs_share_a_layout_by_default(toy_ws, monkeypatch, pair):
+@pytest.mark.parametrize("mode_seeking, paired", [(None, True), (0.0, False)])
+def test_mode_seeking_pairs_share_a_layout(toy_ws, monkeypatch, mode_seeking, paired):
     seen = record_layouts(monkeypatch)
-    run = train(toy_ws, config(run=f"lay-pair-{pair}", kimg=0.016, pair_layouts=pair))
-    expected = pair is not False                     # None: the recipe's, paired
-    assert seen and all(pairs_share(layouts) == expected for layouts in seen)
-    assert json.loads((run / "config.json").read_text())["pair_layouts"] == expected
+    train(toy_ws, config(run=f"lay-pair-{paired}", kimg=0.016, mode_seeking=mode_seeking))   # None: the recipe's 0.5
+    assert seen and all(pairs_share(layouts) == paired for layouts in seen)
 
 
-def test_a_run_from_before_paired_layouts_resumes_unpaired(toy_ws, monkeypatch):
+def test_a_run_from_before_paired_layouts_refuses_to_resume_in_one_line(toy_ws):
     run = train(toy_ws, config(run="lay-pre-pair", kimg=0.016))
     saved = json.loads((run / "config.json").read_text())
-    del saved["pair_layouts"]                        # as written before the option existed
+    saved["pair_layouts"] = False                    # as a run trained with --no-pair-layouts wrote it
     (run / "config.json").write_text(json.dumps(saved))
-    seen = record_layouts(monkeypatch)
-    train(toy_ws, config(run="lay-pre-pair", kimg=0.032, resume=True))
-    assert seen and not any(pairs_share(layouts) for layouts in seen)
+    with pytest.raises(NeighbourhoodsError, match="pair_layouts=False: --pair-layouts was removed"):
+        train(toy_ws, config(run="lay-pre-pair", kimg=0.032, resume=True))
 
 
 def test_layouts_are_refused_where_they_cannot_apply(toy_ws):
@@ -157,10 +156,6 @@ def test_layouts_are_refused_where_they_cannot_apply(toy_ws):
         train(toy_ws, TrainConfig(model="dcgan", res=(32, 32), kimg=0.01, layouts=4, progress=False))
     with pytest.raises(NeighbourhoodsError, match="--layouts must be >= 0"):
         train(toy_ws, config(layouts=-1))
-    with pytest.raises(NeighbourhoodsError, match="--layout-weight must be >= 0"):
-        train(toy_ws, config(layout_weight=-1.0))
-    with pytest.raises(NeighbourhoodsError, match="--pair-layouts .* needs --layouts"):
-        train(toy_ws, config(layouts=0, pair_layouts=True))
 
 
 def test_a_4_3_run_with_layouts_exports_to_an_onnx_replica(served_run, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neighbourhoods.models import projected
+from neighbourhoods.models import discriminator, generator, projected
 from neighbourhoods.train.augment import diffaugment, parse_policy
 
 
@@ -46,7 +46,7 @@ def test_discriminator_gives_logits_with_leading_batch_dim(model, request):
 
 def test_resolutions_used_by_the_project_all_build():
     for res in [(64, 64), (48, 64), (96, 128), (192, 256)]:
-        G = projected.Generator(2, res)
+        G = generator.Generator(2, res)
         assert G(torch.randn(2, G.z_dim), torch.tensor([0, 1])).shape == (2, 3, *res)
 
 
@@ -56,48 +56,41 @@ def test_the_default_model_takes_a_training_step_at_the_gpu_size_192x256():
 
     torch.manual_seed(0)
     G, D = projected.build(num_classes=2, res=(192, 256), **projected.TRAIN_DEFAULTS["model_kwargs"])
-    loss = GANLoss(projected.LOSS, projected.AUGMENT_POLICY, mode_seeking=0.5, mode_seeking_space="structure",
-                   blur_sigma=1.0)
+    loss = GANLoss(G=G, G_train=G, D=D, D_train=D, kind=projected.LOSS, augment=projected.AUGMENT_POLICY,
+                   mode_seeking=0.5, layout_weight=1.0)
     z, labels = torch.randn(2, G.z_dim), torch.tensor([0, 1])
-    fake = G(z, labels)
+    fakes = loss.fakes(z=z, labels=labels)
     real = torch.rand(2, 3, 192, 256) * 2 - 1
-    assert fake.shape == real.shape
-    loss.discriminator(D, real, labels, fake.detach(), labels).backward()
+    assert fakes.images.shape == real.shape
+    loss.discriminator(real=real, labels=labels, fakes=fakes)[0].backward()
     assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None)
-    loss.generator(D, fake, labels, z).backward()
+    loss.generator(fakes=fakes)[0].backward()
     grads = [p.grad for p in G.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_resolution_that_cannot_be_reached_by_upsampling_is_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
-        projected.Generator(2, (50, 66))
+        generator.Generator(2, (50, 66))
 
 
 def test_city_changes_the_generated_image():
     torch.manual_seed(0)
-    G = projected.Generator(num_classes=3, res=(48, 64)).eval()
+    G = generator.Generator(num_classes=3, res=(48, 64)).eval()
     z = torch.randn(1, G.z_dim).repeat(2, 1)
     out = G(z, torch.tensor([0, 1]))
     # Same noise, different city: the city embedding (joined to z) must change the picture.
     assert not torch.allclose(out[0], out[1], atol=1e-6)
 
 
-def test_generator_without_conditional_bn_still_depends_on_city():
-    torch.manual_seed(0)
-    G = projected.Generator(num_classes=3, res=(64, 64), cond_bn=False).eval()
-    assert not any(m.conditional for m in G.modules() if isinstance(m, projected.ConditionalBatchNorm))
-    z = torch.randn(1, G.z_dim).repeat(2, 1)
-    out = G(z, torch.tensor([0, 2]))
-    assert not torch.allclose(out[0], out[1], atol=1e-6)
 
 
 def test_eval_samples_depend_only_on_noise_and_city_not_on_the_batch():
     torch.manual_seed(0)
-    G = projected.Generator(num_classes=3, res=(48, 64))
+    G = generator.Generator(num_classes=3, res=(48, 64))
     with torch.no_grad():
         for m in G.modules():
-            if isinstance(m, projected.NoiseInjection):
+            if isinstance(m, generator.NoiseInjection):
                 m.weight.fill_(0.5)  # trained generators inject noise; eval must still be deterministic
     G.eval()
     z = torch.randn(3, G.z_dim)
@@ -167,26 +160,11 @@ def test_the_feature_net_sees_small_images_enlarged_by_octaves_to_its_minimum_si
     assert shapes == [seen] and logits.shape[0] == 2
 
 
-def test_minibatch_std_lets_d_see_how_varied_a_batch_is():
-    # a sample's logit depends on the other images of its group with d_mbstd, and not without it
-    torch.manual_seed(0)
-    x, labels = torch.rand(8, 3, 32, 32) * 2 - 1, torch.zeros(8, dtype=torch.long)
-    same = x.clone()
-    same[2::2] = x[0]                      # groups are strided, as StyleGAN's: images 0, 2, 4, 6 all image 0
-    for mbstd, depends in ((4, True), (0, False)):
-        torch.manual_seed(1)
-        _, D = projected.build(num_classes=1, res=(32, 32), g_max_channels=16, g_min_channels=8, d_head_width=8,
-                               d_mbstd=mbstd)
-        with torch.no_grad():
-            a, b = D.eval()(x, labels), D(same, labels)
-        assert torch.equal(a[1::2], b[1::2])   # the other group is untouched either way
-        assert (not torch.allclose(a[0], b[0])) == depends
-    assert projected.MinibatchStd(4)(torch.zeros(6, 2, 3, 3)).shape == (6, 3, 3, 3)   # 6 images: groups of 2
 
 
 def test_frozen_mixing_is_the_same_for_every_discriminator():
-    a = projected.FrozenFeatures()
-    b = projected.FrozenFeatures()
+    a = discriminator.FrozenFeatures()
+    b = discriminator.FrozenFeatures()
     assert torch.equal(a.ccm[0].weight, b.ccm[0].weight)
 
 
@@ -222,14 +200,6 @@ def test_diffaugment_is_reproducible_from_the_torch_seed():
     assert torch.equal(a, b)
 
 
-def test_diffaugment_pairs_augment_image_i_and_i_plus_half_alike():
-    torch.manual_seed(5)
-    house = torch.rand(3, 3, 32, 32) * 2 - 1
-    x = torch.cat([house, house, house[:1]])   # pairs (0, 3), (1, 4), (2, 5), and an odd seventh
-    paired = diffaugment(x, projected.AUGMENT_POLICY, pairs=True)
-    assert torch.equal(paired[:3], paired[3:6])
-    assert not torch.equal(paired[:3], diffaugment(x, projected.AUGMENT_POLICY)[3:6])   # unpaired: each its own
-    assert paired.shape == x.shape
 
 
 def test_unknown_augment_op_is_named_in_the_error():

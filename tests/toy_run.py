@@ -43,7 +43,7 @@ def toy_run(tmp_path_factory) -> ToyRun:
         ingest(photos, ws, labels=labels, res=[RES], holdout=0.25, holdout_min=10, workers=1, progress=False)
         train(ws, TrainConfig(model="dcgan", res=RES, batch=8, kimg=0.064, min_city_photos=5, run="tiny",
                               model_kwargs={"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
-                              snapshot_every=32, sample_every=16, tick_every=8, grid_rows=4, grid_seeds=3,
+                              snapshot_every=32, sample_every=16, tick_every=8,
                               num_workers=0, progress=False))
         done.write_text("ok")
     return ToyRun(root=root, ws=Workspace(ws), run="tiny")

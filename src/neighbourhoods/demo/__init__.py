@@ -42,7 +42,8 @@ class DemoResult:
 
 def demo(workspace="neighbourhoods-demo", data=None, labels=None, file_column: str = "file",
          label_column: str = "city", workers: int | None = None, minutes: float = 4.0,
-         eval_samples: int = 300, toy_per_city: int = 100, progress: bool = True) -> DemoResult:
+         eval_samples: int = 300, toy_per_city: int = 100, upscaler_steps: int | None = None,
+         progress: bool = True) -> DemoResult:
     """ingest -> cluster -> select exteriors -> train (`minutes` on this machine) -> evaluate -> report."""
     ws = Path(workspace)
     say = print if progress else (lambda *a, **k: None)
@@ -60,7 +61,7 @@ def demo(workspace="neighbourhoods-demo", data=None, labels=None, file_column: s
     run_dir = train(ws, TrainConfig(res=DEMO_RES[0], run="demo", minutes=minutes, kimg=None,
                                     min_city_photos=20 if toy else 50, progress=progress))
     say("== upscaler (the workspace's own x2 ESPCN, which generate and serve use)")
-    ensure_sr(ws, progress=progress)
+    ensure_sr(ws, progress=progress, steps=upscaler_steps)
     say("== evaluate")
     metrics = evaluate(ws, run_dir.name, EvaluateConfig(n=eval_samples), progress=progress)
     report = write_report(ws, run_dir.name)

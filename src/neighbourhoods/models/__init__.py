@@ -9,17 +9,12 @@ forward(images in [-1, 1], labels) -> logits with leading dimension N. Parameter
 requires_grad=False (a frozen feature network) are never trained.
 
 A model module may define, beside `build`:
-    LOSS = "hinge"                      the adversarial loss it is designed for
+    LOSS = "hinge"                      the adversarial loss it trains with (hinge or bce)
     AUGMENT_POLICY = "color,..."        DiffAugment applied to real and fake images before D
     TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
     build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
-    TRANSITIONAL_CONDITIONING = True    G and D have a `cond_scale` attribute (0..1) weighting the city
-    INSTANCE_CONDITIONING = True        build takes instances=N, instance_dim=d; G holds the bank
-                                        (G.instances), G(z, labels, instances=rows), D(x, labels,
-                                        instances=features); instance_features(uint8 NCHW) -> N x F
     LAYOUTS = True                      build takes layouts=K, layout_dim=d; G holds a LayoutPrior
                                         (G.layouts) and G(z, labels, layouts=N x 3 x h x w)
-    POOLED_FEATURES = True              D(x, labels, pooled=True) -> (logits, N x F pretrained features)
     grown_kwargs(res, kwargs) -> kwargs G's builder arguments at 2 x res, grown from a run at res
     load_grown(G, state_dict)           load that run's G weights into the grown G (train/grow.py)
     MIN_LEVELS, MAX_BASE_SIDE           the resolutions it builds: base x 2^k, k >= MIN_LEVELS,
@@ -59,15 +54,18 @@ def build(model_name: str, num_classes: int, res: tuple[int, int], **kwargs) -> 
 def build_generator(model_name: str, num_classes: int, res: tuple[int, int], **kwargs) -> nn.Module:
     """G alone (skips D's feature network where the model allows it)."""
     module = _module(model_name)
-    if hasattr(module, "build_generator"):
+    if not hasattr(module, "build_generator"):
+        return build(model_name, num_classes, res, **kwargs)[0]
+    try:
         return module.build_generator(num_classes, tuple(res), **kwargs)
-    return build(model_name, num_classes, res, **kwargs)[0]
+    except (ValueError, TypeError) as e:   # a removed or unknown builder argument: one line
+        raise NeighbourhoodsError(f"model {model_name!r} at {res[0]}x{res[1]}: {e}") from e
 
 
 def recipe(model_name: str) -> dict:
-    """Training defaults the model was designed with: loss, augmentation, and TRAIN_DEFAULTS."""
+    """Training defaults the model was designed with: loss, Adam's betas, augmentation, and TRAIN_DEFAULTS."""
     module = _module(model_name)
-    out = {"loss": getattr(module, "LOSS", "hinge"),
+    out = {"loss": getattr(module, "LOSS", "hinge"), "betas": (0.0, 0.99),
            "augment": getattr(module, "AUGMENT_POLICY", "")}
     out.update(getattr(module, "TRAIN_DEFAULTS", {}))
     return out
@@ -93,24 +91,9 @@ def check_res(res, model_name: str | None = None) -> Resolution:
     raise NeighbourhoodsError(f"{who} at {res.name}: {'; '.join(rules)} (e.g. 32x32, 64x64, 48x64, 96x128, 192x256)")
 
 
-def supports_cond_scale(model_name: str) -> bool:
-    """Whether the model's G and D take a `cond_scale` (transitional conditioning)."""
-    return bool(getattr(_module(model_name), "TRANSITIONAL_CONDITIONING", False))
-
-
-def supports_instances(model_name: str) -> bool:
-    """Whether the model takes instance conditioning (IC-GAN): see train/instances.py."""
-    return bool(getattr(_module(model_name), "INSTANCE_CONDITIONING", False))
-
-
 def supports_layouts(model_name: str) -> bool:
     """Whether the model's G can draw on layouts from a fitted prior (train --layouts; train/layouts.py)."""
     return bool(getattr(_module(model_name), "LAYOUTS", False))
-
-
-def supports_pooled_features(model_name: str) -> bool:
-    """Whether the model's D can return its images' pooled pretrained features (train --feature-mmd)."""
-    return bool(getattr(_module(model_name), "POOLED_FEATURES", False))
 
 
 def supports_growing(model_name: str) -> bool:
@@ -126,17 +109,3 @@ def grown_kwargs(model_name: str, res: tuple[int, int], kwargs: dict) -> dict:
 def load_grown(model_name: str, G: nn.Module, state: dict) -> None:
     """Load a smaller run's G state dict into the G `grown_kwargs` builds; ValueError if it does not fit."""
     _module(model_name).load_grown(G, state)
-
-
-def instance_features(model_name: str, images):
-    """The model's instance features of uint8 N x 3 x H x W photos (torch tensor N x F)."""
-    return _module(model_name).instance_features(images)
-
-
-def cond_scale(start_kimg: float, full_kimg: float, images_seen: int) -> float:
-    """Strength of the city signal at `images_seen`: 0 until start_kimg, rising linearly to 1 at
-    full_kimg (Shahbazi et al., "Collapse by Conditioning", ICLR 2022); 1 throughout when
-    full_kimg <= start_kimg. A pure function of the run's clock, so resume stays exact."""
-    if full_kimg <= start_kimg:
-        return 1.0
-    return float(min(1.0, max(0.0, (images_seen / 1000 - start_kimg) / (full_kimg - start_kimg))))

@@ -171,9 +171,11 @@ def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
     path = folder / "G_ema.safetensors"
     load_state_into(model, load_weights(path), path)
     model.to(device).eval().requires_grad_(False)
-    if hasattr(model, "cond_scale"):   # a run stopped mid-fade samples with the strength it trained at
-        model.cond_scale = models.cond_scale(config.get("cond_start_kimg") or 0.0, config.get("cond_full_kimg") or 0.0,
-                                             images_seen)
+    start, full = config.get("cond_start_kimg") or 0.0, config.get("cond_full_kimg") or 0.0
+    if full > start and images_seen < full * 1000:   # transitional conditioning, removed: its G was mid-fade
+        raise NeighbourhoodsError(f"run {Path(run_dir).name!r} stopped while its city signal was fading in "
+                                  "(--cond-full-kimg, removed: it lost in its measurement); it can still be "
+                                  "sampled at commit 06f09c2")
     return LoadedGenerator(model=model, class_names=list(args["class_names"]), res=tuple(args["res"]),
                            z_dim=int(model.z_dim), images_seen=images_seen, config=config)
 

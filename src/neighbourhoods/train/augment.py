@@ -11,60 +11,35 @@ resume draws the same augmentations as an uninterrupted run.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """x blurred by a Gaussian of `sigma` pixels (separable, reflected edges); sigma 0: x itself.
-    Differentiable, so G is trained through the blur D sees (StyleGAN3's blur of D's input)."""
-    if sigma <= 0:
-        return x
-    radius = min(math.ceil(3 * sigma), (min(x.shape[-2:]) - 1))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    x = F.pad(x, [radius, radius, radius, radius], mode="reflect")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """N x 1 x 1 x 1 uniform [0, 1) factors, one per image of `x`."""
+    return torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device)
 
 
-def _per_image(draw, n: int, pairs: bool) -> torch.Tensor:
-    """draw(k) -> k random parameters; with `pairs`, image i + n/2 gets image i's (an odd last one its own)."""
-    if not pairs:
-        return draw(n)
-    half = draw(n // 2)
-    return torch.cat([half, half] + ([draw(1)] if n % 2 else []))
+def _brightness(x: torch.Tensor) -> torch.Tensor:
+    return x + (_uniform(x) - 0.5)
 
 
-def _uniform(x: torch.Tensor, pairs: bool) -> torch.Tensor:
-    """N x 1 x 1 x 1 uniform [0, 1) factors, one per image of `x` (per pair with `pairs`)."""
-    return _per_image(lambda k: torch.rand(k, 1, 1, 1, dtype=x.dtype, device=x.device), x.size(0), pairs)
-
-
-def _brightness(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
-    return x + (_uniform(x, pairs) - 0.5)
-
-
-def _saturation(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+def _saturation(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=1, keepdim=True)
-    return (x - mean) * (_uniform(x, pairs) * 2) + mean
+    return (x - mean) * (_uniform(x) * 2) + mean
 
 
-def _contrast(x: torch.Tensor, pairs: bool = False) -> torch.Tensor:
+def _contrast(x: torch.Tensor) -> torch.Tensor:
     mean = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - mean) * (_uniform(x, pairs) + 0.5) + mean
+    return (x - mean) * (_uniform(x) + 0.5) + mean
 
 
-def _translation(x: torch.Tensor, pairs: bool = False, ratio: float = 0.125) -> torch.Tensor:
+def _translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
     """Shift by up to `ratio` of each side, filling with zeros (mid-grey in [-1, 1])."""
     n, _, h, w = x.shape
     shift_y, shift_x = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    ty = _per_image(lambda k: torch.randint(-shift_y, shift_y + 1, size=(k, 1, 1), device=x.device), n, pairs)
-    tx = _per_image(lambda k: torch.randint(-shift_x, shift_x + 1, size=(k, 1, 1), device=x.device), n, pairs)
+    ty = torch.randint(-shift_y, shift_y + 1, size=(n, 1, 1), device=x.device)
+    tx = torch.randint(-shift_x, shift_x + 1, size=(n, 1, 1), device=x.device)
     gb, gy, gx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(h, device=x.device),
                                 torch.arange(w, device=x.device), indexing="ij")
     gy = torch.clamp(gy + ty + 1, 0, h + 1)
@@ -73,12 +48,12 @@ def _translation(x: torch.Tensor, pairs: bool = False, ratio: float = 0.125) -> 
     return padded.permute(0, 2, 3, 1).contiguous()[gb, gy, gx].permute(0, 3, 1, 2)
 
 
-def _cutout(x: torch.Tensor, pairs: bool = False, ratio: float = 0.5) -> torch.Tensor:
+def _cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     """Zero one random rectangle of `ratio` x each side per image."""
     n, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    oy = _per_image(lambda k: torch.randint(0, h + (1 - ch % 2), size=(k, 1, 1), device=x.device), n, pairs)
-    ox = _per_image(lambda k: torch.randint(0, w + (1 - cw % 2), size=(k, 1, 1), device=x.device), n, pairs)
+    oy = torch.randint(0, h + (1 - ch % 2), size=(n, 1, 1), device=x.device)
+    ox = torch.randint(0, w + (1 - cw % 2), size=(n, 1, 1), device=x.device)
     gb, gy, gx = torch.meshgrid(torch.arange(n, device=x.device), torch.arange(ch, device=x.device),
                                 torch.arange(cw, device=x.device), indexing="ij")
     gy = torch.clamp(gy + oy - ch // 2, 0, h - 1)
@@ -104,14 +79,12 @@ def parse_policy(policy: str) -> list[str]:
     return names
 
 
-def diffaugment(x: torch.Tensor, policy: str, pairs: bool = False) -> torch.Tensor:
+def diffaugment(x: torch.Tensor, policy: str) -> torch.Tensor:
     """Apply the ops of `policy` (comma-separated: color, translation, cutout) to N x C x H x W.
 
-    Empty policy returns `x` unchanged. Works for any H x W (square or 4:3). `pairs`: image
-    i + N/2 is augmented exactly as image i (the mode-seeking pairs of train/loss.py), so a
-    distance measured between them after augmenting is the images', not the augmentations'.
+    Empty policy returns `x` unchanged. Works for any H x W (square or 4:3).
     """
     for name in parse_policy(policy):
         for op in AUGMENTS[name]:
-            x = op(x, pairs)
+            x = op(x)
     return x

@@ -24,7 +24,6 @@ from neighbourhoods import models
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import Workspace
-from neighbourhoods.models import cond_scale
 from neighbourhoods.models.runs import read_config
 
 
@@ -38,17 +37,71 @@ def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, fla
     return field(default=default, metadata=meta)
 
 
-# The adversarial losses train/loss.py knows.
-LOSSES = ("bce", "hinge", "rpgan")
-# Where G's city embeddings start (train/instances.py: city_embeddings).
-CITY_INITS = ("random", "features")
-# What the mode-seeking term can measure distance in (train/loss.py: mode_seeking_loss).
-MS_SPACES = ("pixels", "structure", "features", "structure+features")
+# Fixed parts of the recipe: each was an option once, measured, and is no option now.
+EMA_RAMPUP = 0.05        # G_ema's half-life at most this fraction of the images seen (StyleGAN2-ADA)
+LAYOUT_WEIGHT = 1.0      # weight of the layout term in G's loss (4 lost: docs/experiments.md)
+GROW_FADE_KIMG = 10.0    # a grown run's new top block fades in over this many thousand images
+GRID_ROWS, GRID_SEEDS = 12, 8   # the progress grid: the cities with the most photos x fixed seeds
+MAX_ROLLBACKS = 3        # non-finite losses rolled back to the last checkpoint before giving up
+KID_IMAGES = 300         # samples per in-training KID estimate (kid_every)
+
+# Options that were removed, and why: giving one is a one-line error that says so. Each can still
+# be run at commit 06f09c2; docs/experiments.md has its measurement. A run trained before whose
+# config.json names one at its `off` value loads and resumes as any other.
+AT_06F09C2 = "it can still be run at commit 06f09c2"
+REMOVED = {
+    "loss": "each model trains with its own loss (projected: hinge, dcgan: BCE); R3GAN's rpgan lost on KID and recall",
+    "betas": "Adam's betas are the model's recipe",
+    "spectral": "the spectral term lost on KID (docs/experiments.md)",
+    "lecam": "LeCam traded KID for recall and was never the default (docs/experiments.md)",
+    "feature_mmd": "the feature-MMD term lost on KID (docs/experiments.md)",
+    "cond_start_kimg": "transitional conditioning lost on KID and recall (docs/experiments.md)",
+    "cond_full_kimg": "transitional conditioning lost on KID and recall (docs/experiments.md)",
+    "instance_k": "instance conditioning lost recall on the default recipe (docs/experiments.md)",
+    "mode_seeking_space": "mode seeking is measured on structure; pixels, features and both spaces lost "
+                          "(docs/experiments.md)",
+    "city_init": "city embeddings from the photos' features tied with random ones (docs/experiments.md)",
+    "d_blur_sigma": "blurring D's input was a wash at 96x128 (docs/experiments.md)",
+    "d_blur_kimg": "blurring D's input was a wash at 96x128 (docs/experiments.md)",
+    "any_city_p": "never measured; the (any city) class learns from the small cities' photos",
+    "ema_rampup": f"fixed at {EMA_RAMPUP} (StyleGAN2-ADA's ramp-up)",
+    "layout_weight": f"fixed at {LAYOUT_WEIGHT}: weight 4 lost (docs/experiments.md)",
+    "pair_layouts": "always on with layouts and mode seeking: it won on two seeds (docs/experiments.md)",
+    "grow_fade_kimg": f"fixed at {GROW_FADE_KIMG:g} thousand images",
+    "kid_images": f"fixed at {KID_IMAGES} samples per in-training estimate",
+    "grid_rows": f"the progress grid is fixed at {GRID_ROWS} cities",
+    "grid_seeds": f"the progress grid is fixed at {GRID_SEEDS} seeds",
+    "max_rollbacks": f"fixed at {MAX_ROLLBACKS}",
+}
+# ...and the value at which a run written before trained as runs do now (None: whatever it was).
+REMOVED_OFF = {"spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0, "cond_start_kimg": None, "cond_full_kimg": None,
+               "instance_k": 0, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": None, "any_city_p": 0.0,
+               "ema_rampup": EMA_RAMPUP, "layout_weight": LAYOUT_WEIGHT, "grow_fade_kimg": GROW_FADE_KIMG}
 
 
-def mode_seeking_reads_features(space: str) -> bool:
-    """Whether mode seeking in `space` needs D's pooled features of the fakes."""
-    return space in ("features", "structure+features")
+def removed_error(name: str) -> NeighbourhoodsError:
+    """The one-line error for a removed option (its field name, or its flag)."""
+    key = name.lstrip("-").replace("-", "_")
+    flag = "--" + key.replace("_", "-")
+    return NeighbourhoodsError(f"{flag} was removed: {REMOVED[key]}; {AT_06F09C2}")
+
+
+def check_saved_run(saved: dict, run: str) -> None:
+    """A run written before an option was removed resumes only where it trained as runs do now."""
+    model = saved.get("model", "projected")
+    recipe = models.recipe(model)
+    off = {**REMOVED_OFF, "loss": recipe["loss"], "betas": list(recipe["betas"])}
+    bad = [k for k, v in off.items() if k in saved and v is not None and _canon(saved[k]) != _canon(v)]
+    start, full = saved.get("cond_start_kimg") or 0.0, saved.get("cond_full_kimg") or 0.0
+    if full > start:
+        bad.append("cond_full_kimg")
+    if saved.get("mode_seeking") and saved.get("mode_seeking_space", "structure") != "structure":
+        bad.append("mode_seeking_space")
+    if saved.get("layouts") and saved.get("mode_seeking") and saved.get("pair_layouts") is False:
+        bad.append("pair_layouts")
+    if bad:
+        raise NeighbourhoodsError(f"run {run!r} was trained with {', '.join(f'{k}={saved[k]}' for k in bad)}: "
+                                  f"{removed_error(bad[0])}")
 
 
 @dataclass
@@ -65,87 +118,36 @@ class TrainConfig:
                                    group="stop")
     lr_g: float | None = option(None, "Adam learning rate of G (default: the model's recipe)")
     lr_d: float | None = option(None, "Adam learning rate of D (default: the model's recipe)")
-    betas: tuple[float, float] | None = option(None, "Adam betas of both nets, e.g. 0,0.99 (default: the model's recipe)",
-                                               metavar="B1,B2")
-    loss: str | None = option(None, "adversarial loss: bce (non-saturating), hinge, or rpgan (relativistic pairing, "
-                                    "R3GAN) (default: the model's recipe)")
     augment: str | None = option(None, 'DiffAugment policy for real and fake images before D, e.g. '
                                  '"color,translation,cutout"; "" = off (default: the model\'s recipe)')
     mirror: bool | None = option(None, "random left-right flips of the real photos (default: the model's recipe)")
     ema_kimg: float | None = option(None, "half-life of the EMA of G in thousands of images; 0 = G_ema is a copy of G "
                                     "(default: the model's recipe, else 10)")
-    ema_rampup: float | None = option(0.05, "EMA half-life at most this fraction of the images seen so far "
-                                      "(None = no ramp-up)")
     seed: int = option(0, "seeds weights, data order, noise and augmentation")
     min_city_photos: int = option(50, 'cities with fewer training photos share the "(any city)" class, '
                                   "which also serves unknown cities")
     mode_seeking: float | None = option(None, "weight of the mode-seeking (MSGAN) term that keeps one city's samples "
-                                        "diverse; 0 = off (default: the model's recipe, else 0)")
-    mode_seeking_space: str | None = option(None, "what the mode-seeking term measures: pixels, structure (the "
-                                            "image at 1/4 size with each channel standardised per image, so "
-                                            "exposure and sky colour do not count), features (D's pooled "
-                                            "pretrained features of the fakes, standardised over the batch), "
-                                            "or structure+features (both terms, each at the weight) "
-                                            "(default: the model's recipe, else pixels)", choices=list(MS_SPACES))
-    spectral: float | None = option(None, "weight of a term in G's loss that matches the fake batch's radial power "
-                                    "spectrum to the training photos' (Durall et al. 2020), against the fine-detail "
-                                    "signature upsampling generators share; 0 = off (default: the model's recipe, "
-                                    "else 0)")
-    lecam: float | None = option(None, "weight of LeCam regularisation in D's loss (Tseng et al. 2021: D's outputs "
-                                 "on reals pulled towards the moving average of its outputs on fakes and vice "
-                                 "versa); 0 = off (default: the model's recipe, else 0)")
-    feature_mmd: float | None = option(None, "weight of a term in G's loss: the MMD between the fake and the real "
-                                       "batch's pooled pretrained features (D's frozen feature net), which pushes "
-                                       "apart fakes closer to each other than photos are; 0 = off (default: the "
-                                       "model's recipe, else 0)")
-    cond_start_kimg: float | None = option(None, "transitional conditioning: train unconditionally (no city signal "
-                                           "in G or D) for this many thousand images (default: the model's recipe, "
-                                           "else 0)")
-    cond_full_kimg: float | None = option(None, "...then fade the city signal in, reaching full strength at this many "
-                                          "thousand images; <= cond_start_kimg: no fade (default: the model's "
-                                          "recipe, else 0)")
-    instance_k: int | None = option(None, "instance conditioning (IC-GAN): each real photo is shown with the feature "
-                                    "of one of its k nearest same-city photos, and G draws from that feature, so "
-                                    "samples vary as the city's photos do; 0 = off (default: the model's recipe, "
-                                    "else 0)")
+                                        "diverse, measured on each image's structure (1/4 size, channels "
+                                        "standardised); 0 = off (default: the model's recipe, else 0)")
     layouts: int | None = option(None, "draw every sample on a coarse layout (the photo averaged down to G's first "
                                  "upsampled level) from a Gaussian mixture of this many components fitted to the "
                                  "training photos' layouts, with each city's own weights, so seeds differ as the "
-                                 "photos do; 0 = off (default: the model's recipe, else 0)")
-    layout_weight: float | None = option(None, "weight of the term in G's loss that keeps each sample's coarse "
-                                         "layout on the one it was drawn on (mean squared error) (default: the "
-                                         "model's recipe, else 1)")
-    pair_layouts: bool | None = option(None, "the two fakes of a mode-seeking pair share one layout, so the term "
-                                       "asks G for two different houses on it, not for two layouts (which the "
-                                       "prior gives for free) (default: the model's recipe, else off)")
-    city_init: str | None = option(None, "G's city embeddings at the start: random, or features = each city's "
-                                   "photos' mean pretrained feature (StyleGAN-XL), so alike cities start alike "
-                                   "(default: the model's recipe, else random)", choices=list(CITY_INITS))
+                                 "photos do; with mode seeking, the two fakes of a pair share one layout; 0 = off "
+                                 "(default: the model's recipe, else 0)")
     grow_from: str | None = option(None, "start from a trained run at half this resolution (its name or folder; "
                                    "e.g. a 48x64 run for --res 96x128): its G becomes the lower levels of this "
-                                   "run's, one new top block fades in, D starts afresh", metavar="RUN")
-    grow_fade_kimg: float = option(10.0, "...the new top block's image fades in over this many thousand images "
-                                   "(0 = at once)")
-    d_blur_sigma: float | None = option(None, "blur every image D sees (real and fake) by a Gaussian of this many "
-                                        "pixels at the start, fading linearly to none over --d-blur-kimg, so early "
-                                        "G is judged on shapes before texture (StyleGAN3); 0 = off (default: the "
-                                        "model's recipe, else 0)")
-    d_blur_kimg: float | None = option(None, "...over this many thousand images (default: the model's recipe, else 0)")
-    any_city_p: float | None = option(None, 'fraction of all photos also shown as "(any city)", so that class learns '
-                                      "every city's mix (default: the model's recipe, else 0)")
+                                   f"run's, one new top block fades in over {GROW_FADE_KIMG:g} kimg, D starts afresh",
+                                   metavar="RUN")
     model_kwargs: dict = option({}, "extra arguments of the model's builder as JSON, e.g. '{\"z_dim\": 64}'",
                                 metavar="JSON")
     snapshot_every: int = option(20_000, "images between checkpoints (one is also written at the start and the end)")
     sample_every: int = option(10_000, "images between fixed-seed sample grids")
     tick_every: int = option(1_000, "images between metrics.jsonl / TensorBoard lines")
-    kid_every: int = option(0, "images between KID estimates during training; 0 = off "
-                            "(costs ~1 min per 1000 images on a CPU)")
-    kid_images: int = option(300, "samples per KID estimate (against all held-out photos)")
+    kid_every: int = option(0, f"images between KID estimates during training ({KID_IMAGES} samples against the "
+                            "held-out photos); 0 = off (costs ~1 min per estimate on a CPU)")
     bn_stat_images: int = option(512, "before each snapshot, G_ema's BatchNorm statistics are re-estimated from "
                                  "this many samples (0 = keep G's)")
     keep_checkpoints: int = option(3, "most recent checkpoints kept on disk")
-    grid_rows: int = option(12, "cities in the sample grid (those with the most photos)")
-    grid_seeds: int = option(8, "fixed seeds per city in the sample grid (columns)")
     num_workers: int | None = option(None, "background threads reading batches from the memory-mapped arrays "
                                      "(0 = inline; default: 1 on CUDA, 0 on a CPU, where a reader thread takes "
                                      "time from torch's own threads: 56 vs 44 img/s on 2 cores)", flag="--workers")
@@ -154,52 +156,32 @@ class TrainConfig:
     amp: str = option("auto", "mixed precision: bf16, fp16 (CUDA only, with a GradScaler), off, or auto = bf16 on "
                       "CUDA and on CPUs with native bf16 (AMX / AVX512-BF16), else off",
                       choices=["auto", "bf16", "fp16", "off"])
-    max_rollbacks: int = option(3, "non-finite losses tolerated (each rolls back to the last checkpoint) before giving up")
     progress: bool = option(True, "show a progress bar and messages", flag="--quiet",
                             flag_help="no progress bar or messages")
 
 
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
-RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "betas", "loss", "augment", "mirror", "ema_kimg",
-              "ema_rampup", "seed", "min_city_photos", "any_city_p", "mode_seeking", "mode_seeking_space",
-              "spectral", "lecam", "feature_mmd", "cond_start_kimg", "cond_full_kimg", "instance_k", "layouts",
-              "layout_weight", "pair_layouts", "city_init", "grow_from", "grow_fade_kimg", "d_blur_sigma",
-              "d_blur_kimg", "model_kwargs", "grid_rows", "grid_seeds")
+RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "augment", "mirror", "ema_kimg", "seed", "min_city_photos",
+              "mode_seeking", "layouts", "grow_from", "model_kwargs")
 # Where neither the caller nor the model's recipe sets a field.
-FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "betas": (0.0, 0.99), "ema_kimg": 10.0, "augment": "",
-            "mirror": False, "any_city_p": 0.0, "mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0,
-            "feature_mmd": 0.0, "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
-            "pair_layouts": False, "city_init": "random", "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "ema_kimg": 10.0, "augment": "", "mirror": False,
+            "mode_seeking": 0.0, "layouts": 0}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "mode_seeking_space": "pixels", "spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0,
-          "cond_start_kimg": 0.0, "cond_full_kimg": 0.0, "instance_k": 0, "layouts": 0, "layout_weight": 1.0,
-          "pair_layouts": False, "city_init": "random", "grow_from": None, "grow_fade_kimg": 10.0, "d_blur_sigma": 0.0, "d_blur_kimg": 0.0}
+LEGACY = {"mode_seeking": 0.0, "layouts": 0, "grow_from": None}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Fill the fields left at None from the model's recipe, then FALLBACK; check the rest."""
     recipe = models.recipe(config.model)
     values = asdict(config)
-    for key in FALLBACK.keys() | {"loss"}:
+    for key in FALLBACK:
         if values[key] is None:
-            values[key] = recipe.get(key, FALLBACK.get(key))
-        if values[key] is None:
-            values[key] = FALLBACK.get(key)
+            values[key] = recipe.get(key, FALLBACK[key])
     values.update(res=models.check_res(config.res, config.model), batch=int(values["batch"]),
-                  lr_g=float(values["lr_g"]), lr_d=float(values["lr_d"]),
-                  betas=tuple(float(b) for b in values["betas"]), ema_kimg=float(values["ema_kimg"]),
+                  lr_g=float(values["lr_g"]), lr_d=float(values["lr_d"]), ema_kimg=float(values["ema_kimg"]),
                   augment=values["augment"] or "", mirror=bool(values["mirror"]),
-                  any_city_p=float(values["any_city_p"] or 0.0), mode_seeking=float(values["mode_seeking"] or 0.0),
-                  spectral=float(values["spectral"] or 0.0), lecam=float(values["lecam"] or 0.0),
-                  feature_mmd=float(values["feature_mmd"] or 0.0),
-                  cond_start_kimg=float(values["cond_start_kimg"] or 0.0),
-                  cond_full_kimg=float(values["cond_full_kimg"] or 0.0), instance_k=int(values["instance_k"] or 0),
-                  layouts=int(values["layouts"] or 0), layout_weight=float(values["layout_weight"]),
-                  pair_layouts=bool(values["pair_layouts"]),
-                  d_blur_sigma=float(values["d_blur_sigma"] or 0.0), d_blur_kimg=float(values["d_blur_kimg"] or 0.0))
+                  mode_seeking=float(values["mode_seeking"] or 0.0), layouts=int(values["layouts"] or 0))
     cfg = TrainConfig(**values)
-    if cfg.loss not in LOSSES:
-        raise NeighbourhoodsError(f"unknown loss {cfg.loss!r}: use {', '.join(LOSSES)}")
     if cfg.augment:
         from neighbourhoods.train.augment import parse_policy
         try:
@@ -212,51 +194,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("--kimg and --minutes must be positive")
     if cfg.kimg is None and cfg.minutes is None:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
-    for weight in ("mode_seeking", "spectral", "lecam", "feature_mmd", "layout_weight"):   # the loss terms' weights
-        if getattr(cfg, weight) < 0:
-            raise NeighbourhoodsError(f"--{weight.replace('_', '-')} must be >= 0 (got {getattr(cfg, weight)})")
-    if cfg.feature_mmd and not models.supports_pooled_features(cfg.model):
-        raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: leave --feature-mmd at 0")
-    if cfg.mode_seeking and mode_seeking_reads_features(cfg.mode_seeking_space) \
-            and not models.supports_pooled_features(cfg.model):
-        raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net in D: "
-                                  "use --mode-seeking-space structure or pixels")
-    if cfg.mode_seeking_space not in MS_SPACES:
-        raise NeighbourhoodsError(f"unknown --mode-seeking-space {cfg.mode_seeking_space!r}: use "
-                                  + " or ".join(MS_SPACES))
-    if cfg.cond_start_kimg < 0 or cfg.cond_full_kimg < 0:
-        raise NeighbourhoodsError("--cond-start-kimg and --cond-full-kimg must be >= 0")
-    if cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, 0) < 1 and not models.supports_cond_scale(cfg.model):
-        raise NeighbourhoodsError(f"model {cfg.model!r} has no transitional conditioning: "
-                                  "leave --cond-start-kimg and --cond-full-kimg at 0")
-    if cfg.d_blur_sigma < 0 or cfg.d_blur_kimg < 0:
-        raise NeighbourhoodsError("--d-blur-sigma and --d-blur-kimg must be >= 0")
-    if cfg.d_blur_sigma > 0 and cfg.d_blur_kimg == 0:
-        raise NeighbourhoodsError("--d-blur-sigma needs --d-blur-kimg, the images over which the blur fades out")
-    if cfg.grow_fade_kimg < 0:
-        raise NeighbourhoodsError(f"--grow-fade-kimg must be >= 0 (got {cfg.grow_fade_kimg})")
-    if cfg.grow_from and cfg.instance_k:
-        raise NeighbourhoodsError("--grow-from and --instance-k do not go together: grow a run without instances")
-    if cfg.city_init not in CITY_INITS:
-        raise NeighbourhoodsError(f"unknown --city-init {cfg.city_init!r}: use " + " or ".join(CITY_INITS))
-    if cfg.city_init == "features" and not models.supports_instances(cfg.model):
-        raise NeighbourhoodsError(f"model {cfg.model!r} has no pretrained feature net to start city embeddings "
-                                  "from: leave --city-init at random")
-    if cfg.grow_from and cfg.city_init != "random":
-        raise NeighbourhoodsError("--grow-from and --city-init features do not go together: a grown run's cities "
-                                  "start where its smaller run's ended")
-    if cfg.instance_k < 0:
-        raise NeighbourhoodsError(f"--instance-k must be >= 0 (got {cfg.instance_k})")
-    if cfg.instance_k and not models.supports_instances(cfg.model):
-        raise NeighbourhoodsError(f"model {cfg.model!r} has no instance conditioning: leave --instance-k at 0")
+    if cfg.mode_seeking < 0:
+        raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
     if cfg.layouts < 0:
         raise NeighbourhoodsError(f"--layouts must be >= 0 (got {cfg.layouts})")
     if cfg.layouts and not models.supports_layouts(cfg.model):
         raise NeighbourhoodsError(f"model {cfg.model!r} cannot draw on layouts: leave --layouts at 0")
-    if config.pair_layouts and not (cfg.layouts and cfg.mode_seeking):
-        raise NeighbourhoodsError("--pair-layouts pairs the mode-seeking term's fakes on one layout: it needs "
-                                  "--layouts and --mode-seeking above 0")
-    cfg = replace(cfg, pair_layouts=bool(cfg.pair_layouts and cfg.layouts and cfg.mode_seeking))
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise NeighbourhoodsError(f"unknown --amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     return cfg
@@ -296,7 +239,9 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
         return run_dir, cfg, []
     if not (run_dir / "config.json").is_file():
         raise NeighbourhoodsError(f"nothing to resume: {run_dir} has no config.json; drop --resume to start it")
-    saved = {**LEGACY, **_saved_fields(read_config(run_dir))}
+    saved_config = read_config(run_dir)
+    check_saved_run(saved_config, name)
+    saved = {**LEGACY, **_saved_fields(saved_config)}
     passed = asdict(config)
     ignored = [k for k in RUN_FIELDS if k in saved and passed[k] is not None
                and passed[k] != getattr(TrainConfig(), k) and _canon(passed[k]) != _canon(saved[k])]
@@ -384,6 +329,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parse = _parser_for(hints[f.name])
         target.add_argument(*names, dest=f.name, default=None, help=help_text.replace("%", "%%"),
                             type=_argtype(parse, names[0]) if parse not in (None, str) else None, **extra)
+    add_removed_arguments(parser)
+
+
+class _Removed(argparse.Action):
+    """A removed option's flag: the one-line error that says why, instead of argparse's
+    'unrecognized arguments'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(2, f"error: {removed_error(option_string)}\n")
+
+
+def add_removed_arguments(parser: argparse.ArgumentParser) -> None:
+    for name in REMOVED:
+        parser.add_argument("--" + name.replace("_", "-"), nargs="?", action=_Removed, help=argparse.SUPPRESS)
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:

@@ -16,6 +16,7 @@ from neighbourhoods.core.prepared import PreparedSplit
 from neighbourhoods.core.resolution import res_name
 from neighbourhoods.core.workspace import Workspace
 from neighbourhoods.models.runs import ANY_CITY
+from neighbourhoods.train.config import GRID_ROWS, GRID_SEEDS
 
 
 def photo_batches(images: np.ndarray, rows: np.ndarray, batch: int = 512):
@@ -25,8 +26,7 @@ def photo_batches(images: np.ndarray, rows: np.ndarray, batch: int = 512):
         yield torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def class_map(label_names: list[str], labels: np.ndarray, min_city_photos: int,
-              always_any: bool = False) -> tuple[list[str], np.ndarray, list[str]]:
+def class_map(label_names: list[str], labels: np.ndarray, min_city_photos: int) -> tuple[list[str], np.ndarray, list[str]]:
     """(class_names, class of each photo, merged city names).
 
     Cities with at least `min_city_photos` photos keep their own class, in labels.json order;
@@ -39,7 +39,7 @@ def class_map(label_names: list[str], labels: np.ndarray, min_city_photos: int,
     lut = np.full(len(label_names) + 1, -1, dtype=np.int64)   # the extra last slot: label -1 (none)
     lut[own] = np.arange(len(own))
     merged = [label_names[i] for i, n in enumerate(counts) if n > 0 and lut[i] < 0]
-    if always_any or (lut[labels] < 0).any():
+    if (lut[labels] < 0).any():
         class_names.append(ANY_CITY)
         lut[lut < 0] = len(class_names) - 1
     return class_names, lut[labels], merged
@@ -55,10 +55,9 @@ class BatchReader:
     """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, classes: np.ndarray, seed: int, mirror: bool,
-                 rank: int, world: int, workers: int, any_class: int = -1, any_p: float = 0.0, pin: bool = False):
+                 rank: int, world: int, workers: int, pin: bool = False):
         self.images, self.rows, self.classes = images, rows, classes
         self.pin = pin   # page-locked batches copy to a GPU asynchronously
-        self.any_class, self.any_p = any_class, any_p
         self.seed, self.mirror, self.rank, self.world = seed, mirror, rank, world
         self._epochs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
@@ -66,14 +65,13 @@ class BatchReader:
         self._pending: dict[tuple[int, int], Future] = {}
         self._loads = 0
 
-    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
             if epoch not in self._epochs:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 perm = torch.randperm(len(self.rows), generator=g).numpy()
                 flips = torch.randint(0, 2, (len(self.rows),), generator=g).numpy().astype(bool)
-                as_any = torch.rand(len(self.rows), generator=g).numpy() < self.any_p
-                self._epochs[epoch] = (perm, flips, as_any)
+                self._epochs[epoch] = (perm, flips)
                 while len(self._epochs) > 3:
                     self._epochs.popitem(last=False)
             return self._epochs[epoch]
@@ -81,12 +79,11 @@ class BatchReader:
     def _load(self, position: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(self.rows)
         pos = np.arange(position, position + batch)[self.rank::self.world]
-        picks, flips, as_any = [], [], []
+        picks, flips = [], []
         for p in pos:
-            perm, flip, anyc = self._epoch(int(p) // n)
+            perm, flip = self._epoch(int(p) // n)
             picks.append(perm[p % n])
             flips.append(flip[p % n])
-            as_any.append(anyc[p % n])
         picks = np.array(picks, dtype=np.int64)
         x = np.stack([self.images[self.rows[i]] for i in picks])          # N x H x W x 3 uint8
         self._loads += 1
@@ -95,8 +92,6 @@ class BatchReader:
         if self.mirror:
             x[np.array(flips)] = x[np.array(flips), :, ::-1]
         labels = self.classes[picks].copy()
-        if self.any_class >= 0:
-            labels[np.array(as_any)] = self.any_class
         x, labels = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
         return ((x.pin_memory(), labels.pin_memory()) if self.pin else (x, labels)) + (torch.from_numpy(picks),)
 
@@ -149,8 +144,7 @@ def load_training_data(ws: Workspace, cfg) -> TrainingData:
     if split.images.shape[1:3] != tuple(cfg.res):
         raise NeighbourhoodsError(f"prepared arrays are {split.images.shape[1]}x{split.images.shape[2]}, "
                                   f"not {res_name(cfg.res)}")
-    class_names, classes, merged = class_map(split.label_names, split.labels, cfg.min_city_photos,
-                                             always_any=cfg.any_city_p > 0)
+    class_names, classes, merged = class_map(split.label_names, split.labels, cfg.min_city_photos)
     return TrainingData(split=split, class_names=class_names, classes=classes, merged=merged,
-                        grid_classes=grid_rows_for(class_names, classes, cfg.grid_rows),
-                        grid_seeds=list(range(cfg.grid_seeds)))
+                        grid_classes=grid_rows_for(class_names, classes, GRID_ROWS),
+                        grid_seeds=list(range(GRID_SEEDS)))

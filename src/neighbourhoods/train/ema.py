@@ -1,6 +1,6 @@
 """G_ema: the moving average of G's weights that samples and gets served.
 
-Half-life `ema_kimg` thousand images, capped early by `ema_rampup` x images seen, as
+Half-life `ema_kimg` thousand images, capped early by EMA_RAMPUP x images seen, as
 StyleGAN2-ADA does; BatchNorm statistics are copied from G at each step and re-estimated for
 G_ema's own weights before it is saved or sampled (`standing_bn_stats`).
 """
@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from neighbourhoods.train.config import EMA_RAMPUP
+
 
 def ema_beta(config, images_seen: int) -> float:
-    """Per-step decay: half-life ema_kimg, capped at ema_rampup x images seen (StyleGAN2-ADA)."""
-    ema_nimg = config.ema_kimg * 1000
-    if config.ema_rampup is not None:
-        ema_nimg = min(ema_nimg, images_seen * config.ema_rampup)
+    """Per-step decay: half-life ema_kimg, capped at EMA_RAMPUP x images seen (StyleGAN2-ADA)."""
+    ema_nimg = min(config.ema_kimg * 1000, images_seen * EMA_RAMPUP)
     return 0.5 ** (config.batch / max(ema_nimg, 1e-8))
 
 

@@ -4,7 +4,7 @@ A 96x128 image costs ~2.5x a 64x64 one, so the website's size is reached faster 
 house at half the size first and then adding the top octave (Karras et al., "Progressive Growing
 of GANs", ICLR 2018; StyleGAN-XL grows the same way). The new run's G is the smaller run's G_ema
 level for level (models: `grown_kwargs`, `load_grown`) plus one new top block, and its image
-fades from the smaller G's (nearest-upsampled) to the new block's over `grow_fade_kimg`, so the
+fades from the smaller G's (nearest-upsampled) to the new block's over GROW_FADE_KIMG, so the
 run starts from the houses the smaller run drew instead of from noise. D starts afresh: its
 heads are sized by the feature maps of the new resolution.
 
@@ -24,9 +24,8 @@ from neighbourhoods.core.workspace import Workspace
 from neighbourhoods.models import runs
 
 # Builder arguments that shape G: a grown run takes them from its source, never from the caller.
-G_SHAPE_KEYS = ("z_dim", "g_max_channels", "g_min_channels", "g_cond_bn", "g_cond_from", "instances",
-                "instance_dim", "g_channels", "g_convs", "g_grown", "g_grow_octaves", "layouts", "layout_dim",
-                "layout_level")
+G_SHAPE_KEYS = ("z_dim", "g_max_channels", "g_min_channels", "g_cond_from", "g_channels", "g_convs", "g_grown",
+                "g_grow_octaves", "layouts", "layout_dim", "layout_level")
 
 
 def grown_model_kwargs(ws: Workspace, model: str, res: Resolution, source: str, kwargs: dict) -> dict:
@@ -42,8 +41,6 @@ def grown_model_kwargs(ws: Workspace, model: str, res: Resolution, source: str, 
     if (2 * small.h, 2 * small.w) != (res.h, res.w):
         raise NeighbourhoodsError(f"cannot grow run {source!r} ({small.name}) to {res.name}: growing adds one octave, "
                                   f"so use --res {2 * small.h}x{2 * small.w}")
-    if args["kwargs"].get("instances"):
-        raise NeighbourhoodsError(f"cannot grow run {source!r}: it is instance-conditioned (--instance-k)")
     runs.latest_checkpoint(source_dir)   # a source without a complete checkpoint: its own clear error
     grown = models.grown_kwargs(model, small, {**args["kwargs"], "z_dim": args["z_dim"]})
     clash = sorted(k for k in kwargs if k in G_SHAPE_KEYS and k in grown and kwargs[k] != grown[k])

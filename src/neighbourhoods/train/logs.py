@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +42,13 @@ class Tick:
     """Sums over the steps since the last metrics line."""
     images: int           # images_seen when the tick started
     busy: float = 0.0     # seconds in training steps (snapshots and grids excluded)
-    loss_d: float = 0.0
-    loss_g: float = 0.0
+    sums: dict = field(default_factory=dict)   # each loss term (train/loss.py) summed over the steps
     steps: int = 0
 
-    def add(self, seconds: float, loss_d: float, loss_g: float) -> None:
+    def add(self, seconds: float, terms: dict[str, float]) -> None:
         self.busy += seconds
-        self.loss_d += loss_d
-        self.loss_g += loss_g
+        for key, value in terms.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
 
     def rate(self, images_seen: int) -> float:
@@ -58,7 +57,7 @@ class Tick:
 
     def line(self, images_seen: int, time_s: float) -> dict:
         return {"images_seen": images_seen, "time_s": round(time_s, 3),
-                "loss_g": self.loss_g / self.steps, "loss_d": self.loss_d / self.steps,
+                **{key: total / self.steps for key, total in self.sums.items()},
                 "images_per_s": round(self.rate(images_seen), 2)}
 
 
@@ -71,9 +70,9 @@ def open_tensorboard(run_dir: Path, images_seen: int):
 def write_metrics(run_dir: Path, writer, line: dict) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
-    for key in ("loss_g", "loss_d", "images_per_s", "kid"):
-        if key in line:
-            writer.add_scalar(f"train/{key}", line[key], line["images_seen"])
+    for key, value in line.items():   # every loss term, the rate and the KID, against images seen
+        if key not in ("images_seen", "time_s") and isinstance(value, (int, float)):
+            writer.add_scalar(f"train/{key}", value, line["images_seen"])
 
 
 def trim_metrics(path: Path, images_seen: int) -> None:

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from neighbourhoods import models
 from neighbourhoods.core.catalog import read_meta
 from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import Workspace, atomic_write_json
-from neighbourhoods.models import cond_scale
 from neighbourhoods.models.runs import (
     ANY_CITY,
     generate_images,
@@ -40,11 +40,19 @@ from neighbourhoods.models.runs import (
     save_checkpoint,
 )
 from neighbourhoods.train import grow
-from neighbourhoods.train.config import TrainConfig, describe, resolve_run, to_json
+from neighbourhoods.train.config import (
+    GROW_FADE_KIMG,
+    KID_IMAGES,
+    LAYOUT_WEIGHT,
+    MAX_ROLLBACKS,
+    TrainConfig,
+    describe,
+    resolve_run,
+    to_json,
+)
 from neighbourhoods.train.data import BatchReader, TrainingData, load_training_data
 from neighbourhoods.train.distributed import Dist, autocast_dtype, pick_device
 from neighbourhoods.train.ema import ema_beta, standing_bn_stats, update_ema
-from neighbourhoods.train.instances import Instances, build_instances, city_embeddings
 from neighbourhoods.train.layouts import fit_layouts
 from neighbourhoods.train.logs import (
     Tick,
@@ -57,7 +65,7 @@ from neighbourhoods.train.logs import (
     write_metrics,
     write_progress_grid,
 )
-from neighbourhoods.train.loss import GANLoss, paired, photos_spectrum
+from neighbourhoods.train.loss import GANLoss
 from neighbourhoods.train.rng import seed_everything
 from neighbourhoods.train.state import Nets, TrainState, build_nets, restore, state_dict
 
@@ -71,8 +79,7 @@ class Run:
     run_dir: Path
     data: TrainingData
     batch_local: int            # this process's share of each batch
-    model_kwargs: dict          # the builder's arguments: the run's model_kwargs, plus the instance bank's size
-    instances: Instances | None = None   # instance conditioning's bank and neighbour lists, if on
+    model_kwargs: dict          # the builder's arguments: the run's model_kwargs, plus the layout prior's size
     writer: object = None       # TensorBoard SummaryWriter on rank 0, else None
 
 
@@ -98,26 +105,17 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     data = load_training_data(ws, cfg)
     run = Run(cfg=cfg, dd=dd, device=device, run_dir=run_dir, data=data, batch_local=cfg.batch // dd.world,
               model_kwargs=dict(cfg.model_kwargs))
-    if cfg.instance_k:   # instance conditioning: the photos' features and neighbours (seconds at 64 px)
-        dim = int(cfg.model_kwargs.get("instance_dim", 64))
-        run.instances = build_instances(cfg.model, data.split.images, data.split.rows, data.classes,
-                                        len(data.class_names), cfg.instance_k, dim)
-        run.model_kwargs.update(instances=len(data.split), instance_dim=dim)
     if cfg.layouts:   # the layout prior's size; it is fitted below for a new run, restored on resume
         run.model_kwargs.update(layouts=cfg.layouts, layout_dim=int(run.model_kwargs.get("layout_dim", 32)))
 
     # Construct networks and optimizers (identical init on every rank), then give each rank
     # its own noise and augmentation streams; rank 0 of a single process keeps `seed`.
     nets = build_nets(cfg, len(data.class_names), device, dd, run.model_kwargs)
-    if run.instances is not None:
-        for G in (nets.G, nets.G_ema):
-            run.instances.load_into(G)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
-    loss = GANLoss(cfg.loss, cfg.augment, cfg.mode_seeking, cfg.mode_seeking_space, spectral=cfg.spectral, lecam=cfg.lecam,
-                   feature_mmd=cfg.feature_mmd, layout_weight=cfg.layout_weight,
-                   spectrum=photos_spectrum(data.split.images, data.split.rows) if cfg.spectral else None)
+    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train, kind=models.recipe(cfg.model)["loss"],
+                   augment=cfg.augment, mode_seeking=cfg.mode_seeking, layout_weight=LAYOUT_WEIGHT)
     state = TrainState()
 
     # Resume from the latest checkpoint, if asked and there is one.
@@ -125,10 +123,6 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if cfg.resume and (run_dir / "checkpoints" / "latest.json").exists():
         saved_args = read_model_args(read_config(run_dir), run_dir / "config.json")
         saved_names = saved_args["class_names"]
-        if cfg.instance_k and saved_args["kwargs"].get("instances") != len(data.split):
-            banked = saved_args["kwargs"].get("instances")
-            raise NeighbourhoodsError(f"run {run_dir.name!r} is instance-conditioned on {banked} "
-                                      f"training photos and the workspace has {len(data.split)} now: start a new run")
         if saved_names != data.class_names:
             raise NeighbourhoodsError(f"the workspace's training classes changed since run {run_dir.name!r} started "
                                       f"({len(saved_names or [])} then, {len(data.class_names)} now): start a new run")
@@ -147,12 +141,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                           prior.size, cfg.layouts, prior.means.shape[1], seed=cfg.seed)
         for G in (nets.G, nets.G_ema):
             fit.load_into(G)
-    if fresh and cfg.city_init == "features":   # each city starts at its photos' mean feature
-        start_cities_from_photos(run, nets)
     if fresh and cfg.grow_from:    # a new grown run: the smaller run's G below the new top block
         source = grow.start_from(nets, ws, cfg, data.class_names)
         say(cfg, dd.main, f"growing run {source.name} to {cfg.res.name}: its G_ema below a new top block, "
-                          f"faded in over {cfg.grow_fade_kimg:g} kimg; D starts afresh")
+                          f"faded in over {GROW_FADE_KIMG:g} kimg; D starts afresh")
 
     # Write the run folder: config first (atomically), then, for a new run, the initial
     # checkpoint, so there is always a good checkpoint to resume or roll back to.
@@ -174,8 +166,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
 
     workers = cfg.num_workers if cfg.num_workers is not None else int(device.type == "cuda")
     reader = BatchReader(data.split.images, data.split.rows, data.classes, cfg.seed, cfg.mirror, dd.rank, dd.world,
-                         workers, any_class=data.class_names.index(ANY_CITY) if cfg.any_city_p > 0 else -1,
-                         any_p=cfg.any_city_p, pin=device.type == "cuda")
+                         workers, pin=device.type == "cuda")
     limit = math.inf if cfg.kimg is None else cfg.kimg * 1000
     stop_at = deadline(cfg)
     bar, by_time = progress_bar(cfg, dd.main, run_dir.name, state.images_seen, limit)
@@ -189,83 +180,39 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
         while state.images_seen < limit:
             # Fetch this rank's share of the next batch of real photos, and noise.
             step_start = time.monotonic()
-            uint8_real, labels, photos = reader.get(state.images_seen, cfg.batch)
+            uint8_real, labels, _ = reader.get(state.images_seen, cfg.batch)
             real = uint8_real.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
             labels = labels.to(device, non_blocking=True)
             z = torch.randn(run.batch_local, nets.G.z_dim, device=device)
-            # Instance conditioning: each real photo is judged beside a neighbour's feature, and
-            # its fake is drawn from that neighbour (rows of G's bank; fakes paired like cities).
-            real_cond = fake_cond = g_cond = {}
-            if run.instances is not None:
-                rows = run.instances.conditioning_rows(photos, cfg.seed, state.images_seen + dd.rank).to(device)
-                fake_rows = loss.fake_labels(rows)
-                bank = nets.G.instances.features
-                real_cond, fake_cond = {"instances": bank[rows]}, {"instances": bank[fake_rows]}
-                g_cond = {"instances": fake_rows}
 
-            # Weight the city signal (transitional conditioning: 0 = unconditional, then faded in)
-            # and, in a grown run, the new top block's image.
-            set_schedules(nets, cfg, state.images_seen)
-            loss.blur_sigma = d_blur(cfg, state.images_seen)
+            # One step: D's update, G's update, G_ema towards G.
+            set_fade(nets, cfg, state.images_seen)
+            terms = train_step(nets, loss, real=real, labels=labels, z=z, autocast=autocast,
+                               ema=ema_beta(cfg, state.images_seen + cfg.batch))
 
-            # Sample fakes for the real photos' cities (in same-city pairs when mode seeking);
-            # one G forward serves both updates, as in the reference DCGAN loop.
-            fake_labels = loss.fake_labels(labels)
-            layouts = None
-            if cfg.layouts:   # the layouts the fakes are drawn on, which G's loss checks them against
-                layouts = nets.G.layouts.sample(z, fake_labels)
-                if cfg.pair_layouts:   # fake i + N/2 on fake i's layout: mode seeking then asks for two houses on one
-                    layouts = paired(layouts)
-                g_cond = {**g_cond, "layouts": layouts}
-            with autocast():
-                fake = nets.G_train(z, fake_labels, **g_cond)
-
-            # Update D.
-            with autocast():
-                loss_d = loss.discriminator(nets.D_train, real, labels, fake.detach(), fake_labels, real_cond, fake_cond,
-                                            state.lecam_anchors)
-            nets.opt_d.zero_grad(set_to_none=True)
-            nets.scaler_d.scale(loss_d).backward()
-            nets.scaler_d.step(nets.opt_d)
-            nets.scaler_d.update()
-
-            # Update G, through the plain D: its gradients are neither needed nor synced.
-            for p in nets.d_params:
-                p.requires_grad_(False)
-            try:
-                with autocast():
-                    loss_g = loss.generator(nets.D, fake, fake_labels, z, fake_cond, real, labels, real_cond, layouts)
-                nets.opt_g.zero_grad(set_to_none=True)
-                nets.scaler_g.scale(loss_g).backward()
-                nets.scaler_g.step(nets.opt_g)
-                nets.scaler_g.update()
-            finally:
-                for p in nets.d_params:
-                    p.requires_grad_(True)
-
-            # Agree across ranks on the losses and on whether to stop.
-            stats = torch.tensor([loss_d.detach().float().item(), loss_g.detach().float().item(),
-                                  float(time.monotonic() >= stop_at or ctrl_c.requested)])
+            # Agree across ranks on the loss terms and on whether to stop.
+            stats = torch.stack([*terms.values(), torch.tensor(float(time.monotonic() >= stop_at or ctrl_c.requested),
+                                                               device=device)])
             if dd.world > 1:
-                stats = stats.to(device)
                 dist.all_reduce(stats)
-                stats = stats.cpu()
-                stats[:2] /= dd.world
-            ld, lg, stop = stats.tolist()
+                stats[:-1] /= dd.world
+            *values, stop = stats.cpu().tolist()
+            terms = dict(zip(terms, values))
+            ld, lg = terms["loss_d"], terms["loss_g"]
 
             # A non-finite loss: roll back to the last checkpoint, with fresh noise so the same
             # steps are not replayed into the same failure.
             if not (math.isfinite(ld) and math.isfinite(lg)):
                 state.rollbacks += 1
                 folder, n = latest_checkpoint(run_dir)
-                if state.rollbacks > cfg.max_rollbacks:
+                if state.rollbacks > MAX_ROLLBACKS:
                     raise NeighbourhoodsError(
                         f"non-finite loss (loss_d={ld}, loss_g={lg}) at {state.images_seen:,} images, "
                         f"{state.rollbacks} times: giving up; the last good checkpoint is {folder} "
                         "(try a lower --lr-g/--lr-d, or --amp bf16/off)")
                 say(cfg, dd.main, f"non-finite loss (loss_d={ld}, loss_g={lg}) at {state.images_seen:,} images: "
                                   f"rolled back to the checkpoint at {n:,} images "
-                                  f"(rollback {state.rollbacks} of at most {cfg.max_rollbacks})")
+                                  f"(rollback {state.rollbacks} of at most {MAX_ROLLBACKS})")
                 rollbacks = state.rollbacks
                 restore(nets, state, folder, cfg, dd)
                 state.rollbacks = rollbacks
@@ -273,14 +220,13 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 tick = Tick(images=state.images_seen)
                 continue
 
-            # Count the images and move G_ema towards G.
+            # Count the images.
             before = state.images_seen
             state.images_seen += cfg.batch
             after = state.images_seen
-            update_ema(nets.G_ema, nets.G, ema_beta(cfg, after))
             step_time = time.monotonic() - step_start
             state.time_s += step_time
-            tick.add(step_time, ld, lg)
+            tick.add(step_time, terms)
             if not bar.disable:
                 bar.n = min(bar.total, round(time.monotonic() - started)) if by_time else min(after, int(limit))
                 bar.set_postfix(kimg=f"{after / 1000:.1f}", img_s=f"{tick.rate(after):.1f}",
@@ -291,10 +237,13 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             if crossed(cfg.tick_every, before, after, done):
                 line = tick.line(after, state.time_s)
                 if cfg.kid_every > 0 and crossed(cfg.kid_every, before, after, done) and dd.main:
-                    from neighbourhoods.metrics.quick_kid import training_kid  # Inception: only when asked
-                    kid = training_kid(ws, cfg.res, nets.G_ema, data.class_names, n=cfg.kid_images)
-                    if kid is not None:
-                        line["kid"], line["kid_std"] = kid
+                    from neighbourhoods.scoring import training_score  # Inception: only when asked
+                    score = training_score(ws, cfg.res, nets.G_ema, data.class_names,
+                                           city_map=CityMap.build(data.class_names, data.split.label_names),
+                                           n=KID_IMAGES)
+                    if score is not None:
+                        line["kid"] = score["quality"]["kid"]["mean"]
+                        line["kid_std"] = score["quality"]["kid"]["std"]
                 if dd.main:
                     write_metrics(run_dir, run.writer, line)
                 tick = Tick(images=after)
@@ -353,39 +302,54 @@ def warn_if_below_photos(ws: Workspace, cfg: TrainConfig, dd: Dist) -> None:
                           "by an octave later, train --grow-from), or thumbnails are this run's samples enlarged")
 
 
-def set_schedules(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
-    """Set G's, G_ema's and D's city-signal strength, and a grown G's fade, for this point of
-    the run: pure functions of images_seen, so resume stays exact."""
-    if cfg.cond_full_kimg > cfg.cond_start_kimg:
-        scale = cond_scale(cfg.cond_start_kimg, cfg.cond_full_kimg, images_seen)
-        nets.G.cond_scale = nets.G_ema.cond_scale = nets.D.cond_scale = scale
+def set_fade(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
+    """A grown G's (and G_ema's) new top block at this point of the run: faded in linearly over
+    GROW_FADE_KIMG, a pure function of images_seen, so resume stays exact."""
     if cfg.grow_from:
-        fade = cond_scale(0.0, cfg.grow_fade_kimg, images_seen)   # the same linear ramp from 0 to 1
+        fade = min(1.0, images_seen / 1000 / GROW_FADE_KIMG) if GROW_FADE_KIMG > 0 else 1.0
         for G in (nets.G, nets.G_ema):
             G.fade.fill_(fade)
 
 
-def start_cities_from_photos(run: Run, nets: Nets) -> None:
-    """G's (and G_ema's) city embeddings set to the classes' mean photo features (the same on
-    every rank: a pure function of the data)."""
-    data = run.data
-    embed = nets.G.embed.weight
-    start = city_embeddings(run.cfg.model, data.split.images, data.split.rows, data.classes,
-                            len(data.class_names), embed.shape[1])
-    with torch.no_grad():
-        for G in (nets.G, nets.G_ema):
-            G.embed.weight.copy_(torch.from_numpy(start))
+def train_step(nets: Nets, loss: GANLoss, *, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
+               autocast, ema: float) -> dict[str, torch.Tensor]:
+    """One training step (the loop's, and bench/speed.py's): G draws the fakes once for both
+    updates (as the reference DCGAN loop does), D is updated, then G through the plain D, then
+    G_ema moves towards G with decay `ema`. Returns the step's losses and every term in them,
+    as detached scalars: loss_d, loss_g, then the loss's own terms."""
+    with autocast():
+        fakes = loss.fakes(z=z, labels=labels)
 
+    # Update D.
+    with autocast():
+        loss_d, d_terms = loss.discriminator(real=real, labels=labels, fakes=fakes)
+    nets.opt_d.zero_grad(set_to_none=True)
+    nets.scaler_d.scale(loss_d).backward()
+    nets.scaler_d.step(nets.opt_d)
+    nets.scaler_d.update()
 
-def d_blur(cfg: TrainConfig, images_seen: int) -> float:
-    """The sigma of D's input blur at this point of the run: d_blur_sigma fading linearly to 0
-    at d_blur_kimg, on the same ramp as a grown run's fade (so resume stays exact)."""
-    return cfg.d_blur_sigma * (1.0 - cond_scale(0.0, cfg.d_blur_kimg, images_seen))
+    # Update G, through the plain D: its gradients are neither needed nor synced.
+    for p in nets.d_params:
+        p.requires_grad_(False)
+    try:
+        with autocast():
+            loss_g, g_terms = loss.generator(fakes=fakes)
+        nets.opt_g.zero_grad(set_to_none=True)
+        nets.scaler_g.scale(loss_g).backward()
+        nets.scaler_g.step(nets.opt_g)
+        nets.scaler_g.update()
+    finally:
+        for p in nets.d_params:
+            p.requires_grad_(True)
+
+    update_ema(nets.G_ema, nets.G, ema)
+    return {"loss_d": loss_d.detach().float(), "loss_g": loss_g.detach().float(),
+            **{k: v.float() for k, v in {**d_terms, **g_terms}.items()}}
 
 
 def calibrate(run: Run, nets: Nets, state: TrainState) -> None:
     """Standing BatchNorm statistics for G_ema before it is saved or sampled (same on every rank)."""
-    set_schedules(nets, run.cfg, state.images_seen)
+    set_fade(nets, run.cfg, state.images_seen)
     if state.bn_calibrated_at != state.images_seen:
         standing_bn_stats(nets.G_ema, run.data.class_weights, run.cfg.bn_stat_images, max(run.batch_local, 64),
                           seed=run.cfg.seed * 7919 + state.images_seen)

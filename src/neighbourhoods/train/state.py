@@ -8,7 +8,7 @@ is the three networks' weights (safetensors, models/runs.py writes them) plus `s
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from torch import nn
 from neighbourhoods import models
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models.runs import load_checkpoint, load_state_into
+from neighbourhoods.train.config import EMA_RAMPUP
 from neighbourhoods.train.distributed import Dist, wrap_ddp
 from neighbourhoods.train.rng import capture_rng, restore_rng, seed_everything
 
@@ -28,7 +29,6 @@ class TrainState:
     time_s: float = 0.0         # seconds spent in training steps (not snapshots), over all calls
     rollbacks: int = 0          # non-finite losses rolled back so far
     bn_calibrated_at: int = -1  # images_seen at which G_ema's BatchNorm statistics were last re-estimated
-    lecam_anchors: list[float] = field(default_factory=lambda: [0.0, 0.0])   # LeCam: EMA of D's real, fake outputs
 
 
 @dataclass
@@ -59,11 +59,12 @@ def build_nets(cfg, num_classes: int, device: torch.device, dd: Dist, model_kwar
     D.to(device).train()
     G_ema.to(device).eval().requires_grad_(False)
     d_params = [p for p in D.parameters() if p.requires_grad]   # a frozen feature net stays out
+    betas = models.recipe(cfg.model)["betas"]
     fp16 = device.type == "cuda" and cfg.amp == "fp16"
     return Nets(G=G, G_ema=G_ema, D=D, G_train=wrap_ddp(G, device, dd), D_train=wrap_ddp(D, device, dd),
                 d_params=d_params,
-                opt_g=torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=cfg.betas),
-                opt_d=torch.optim.Adam(d_params, lr=cfg.lr_d, betas=cfg.betas),
+                opt_g=torch.optim.Adam(G.parameters(), lr=cfg.lr_g, betas=betas),
+                opt_d=torch.optim.Adam(d_params, lr=cfg.lr_d, betas=betas),
                 scaler_g=torch.amp.GradScaler("cuda", enabled=fp16),
                 scaler_d=torch.amp.GradScaler("cuda", enabled=fp16))
 
@@ -77,10 +78,9 @@ def state_dict(nets: Nets, state: TrainState, cfg, photos: int, dd: Dist) -> dic
     else:
         per_rank = [rng]
     return {"format": 1, "images_seen": state.images_seen, "time_s": state.time_s, "rollbacks": state.rollbacks,
-            "lecam_anchors": list(state.lecam_anchors),
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-            "ema": {"ema_kimg": cfg.ema_kimg, "ema_rampup": cfg.ema_rampup},
+            "ema": {"ema_kimg": cfg.ema_kimg, "ema_rampup": EMA_RAMPUP},
             "augment": {"policy": cfg.augment, "mirror": cfg.mirror},
             "sampler": {"seed": cfg.seed, "position": state.images_seen, "photos": photos, "world": dd.world},
             "rng": per_rank}
@@ -98,7 +98,6 @@ def restore(nets: Nets, state: TrainState, folder: Path, cfg, dd: Dist) -> dict:
         nets.scaler_d.load_state_dict(saved["scaler_d"])
         state.images_seen, state.time_s = int(saved["images_seen"]), float(saved["time_s"])
         state.rollbacks = int(saved["rollbacks"])
-        state.lecam_anchors = [float(a) for a in saved.get("lecam_anchors", (0.0, 0.0))]   # older: none
         rngs = saved["rng"]
     except (KeyError, ValueError, RuntimeError) as e:
         raise NeighbourhoodsError(f"{folder / 'state.pt'} does not fit this run ({e})") from None
