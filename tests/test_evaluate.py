@@ -28,7 +28,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluation(toy):
-    return ev.evaluate(toy.ws, toy.run, ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3), progress=False)
+    return ev.evaluate(toy.ws, toy.run, ev.EvaluateConfig(n=12, kid_subsets=20, min_city_holdout=3), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def spaces():
 def test_evaluation_compares_samples_with_every_held_out_photo(toy, evaluation):
     holdout = load_split(toy.ws, RES, "holdout")
     assert evaluation["n_holdout"] == len(holdout) > 0
-    assert evaluation["n_generated"] == 24
+    assert evaluation["n_generated"] == 12
     assert evaluation["n_train"] == len(load_split(toy.ws, RES, "train"))
 
 
@@ -67,7 +67,7 @@ def test_evaluation_is_written_into_the_run_folder(toy, evaluation):
     with np.load(ev.eval_dir(toy.run_dir, evaluation["images_seen"]) / "novelty.npz") as f:
         sims = f["inception_similarity"]
         assert np.all(np.diff(sims) <= 0), "novelty figure must list the most similar first"
-        assert len(f["inception_all_similarity"]) == 24
+        assert len(f["inception_all_similarity"]) == 12
 
 
 def test_real_features_are_cached_per_workspace(toy, evaluation):
@@ -168,7 +168,7 @@ def test_feature_cache_computes_only_new_or_changed_photos(tmp_path):
 
 # --- scored as served --------------------------------------------------------------------------
 def test_evaluate_at_served_size_scores_thumbnails_against_photos_cropped_to_it(toy, evaluation):
-    cfg = ev.EvaluateConfig(n=24, kid_subsets=20, min_city_holdout=3, size=(40, 30), upscale="lanczos")
+    cfg = ev.EvaluateConfig(n=12, kid_subsets=20, min_city_holdout=3, size=(40, 30), upscale="lanczos")
     result = ev.evaluate(toy.ws, toy.run, cfg, progress=False)
     assert result["scored_at"] == "40x30 thumbnails (lanczos, jpg)"
     assert result["path"].endswith("metrics-40x30.json")        # beside the native evaluation, not over it
