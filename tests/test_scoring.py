@@ -139,6 +139,22 @@ def test_training_score_is_the_kid_evaluate_reports_at_the_same_n_and_seed(toy):
     assert estimate["quality"]["kid"]["mean"] > 0 and estimate["novelty"] is None
 
 
+def test_a_run_with_kid_every_logs_the_training_score_in_its_metrics(toy, monkeypatch):
+    from neighbourhoods.train import TrainConfig, train
+    from neighbourhoods.train import loop as train_loop
+
+    monkeypatch.setattr(train_loop, "KID_IMAGES", 8)   # the recipe's 300 samples cost a minute on one core
+    run = train(toy.ws, TrainConfig(model="dcgan", res=RES, batch=8, kimg=0.016, min_city_photos=5, run="kid-curve",
+                                    model_kwargs={"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
+                                    kid_every=16, tick_every=8, snapshot_every=16, bn_stat_images=16, num_workers=0,
+                                    progress=False))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "kid" not in lines[0] and lines[-1]["kid"] > 0 and lines[-1]["kid_std"] >= 0
+    gen = runs.load_generator(run)   # the same number as the one scoring function gives these weights
+    again = scoring.training_score(toy.ws, RES, gen.model, gen.class_names, gen.city_map, n=8)
+    assert lines[-1]["kid"] == pytest.approx(again["quality"]["kid"]["mean"])
+
+
 def test_training_score_restores_the_models_train_mode(toy):
     gen = runs.load_generator(toy.run_dir)
     gen.model.train()

@@ -640,13 +640,20 @@ def _as_written_before(run: Path, **changes) -> None:
     (run / "config.json").write_text(json.dumps(config))
 
 
-def test_a_run_written_with_removed_options_at_their_off_values_loads_generates_and_resumes(toy_ws, tmp_path):
+def test_a_run_written_with_removed_options_at_their_off_values_loads_generates_serves_and_resumes(toy_ws, tmp_path):
     run = train(toy_ws, tiny("projected", run="old-off", kimg=0.016))
     _as_written_before(run)
     assert runs.load_generator(run).model.z_dim == 16
     assert main(["generate", "--workspace", str(toy_ws), "--run", "old-off", "--city", "Sunvale", "-n", "2",
                  "--size", "40x30", "--no-novelty-guard", "--out", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*/*.jpg"))) == 2
+    from fastapi.testclient import TestClient
+
+    from neighbourhoods.serve import ServeConfig, build, create_app
+
+    with TestClient(create_app(build(toy_ws, "old-off", ServeConfig(), novelty=False))) as client:
+        r = client.get("/thumbnail", params={"city": "Sunvale", "seed": 3, "size": "40x30"})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("image/")
     train(toy_ws, tiny("projected", run="old-off", kimg=0.032, resume=True))
     assert runs.latest_checkpoint(run)[1] == 32
 

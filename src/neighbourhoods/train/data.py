@@ -26,7 +26,8 @@ def photo_batches(images: np.ndarray, rows: np.ndarray, batch: int = 512):
         yield torch.from_numpy(np.ascontiguousarray(images[rows[i:i + batch]])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def class_map(label_names: list[str], labels: np.ndarray, min_city_photos: int) -> tuple[list[str], np.ndarray, list[str]]:
+def class_map(label_names: list[str], labels: np.ndarray,
+              min_city_photos: int) -> tuple[list[str], np.ndarray, list[str]]:
     """(class_names, class of each photo, merged city names).
 
     Cities with at least `min_city_photos` photos keep their own class, in labels.json order;

@@ -114,8 +114,9 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
-    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train, kind=models.recipe(cfg.model)["loss"],
-                   augment=cfg.augment, mode_seeking=cfg.mode_seeking, layout_weight=LAYOUT_WEIGHT)
+    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train,
+                   kind=models.recipe(cfg.model)["loss"], augment=cfg.augment, mode_seeking=cfg.mode_seeking,
+                   layout_weight=LAYOUT_WEIGHT)
     state = TrainState()
 
     # Resume from the latest checkpoint, if asked and there is one.
