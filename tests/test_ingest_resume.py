@@ -127,12 +127,18 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path):
     assert leftovers == []
 
 
+def _terminal_sigint() -> None:
+    """Ctrl-C's default action in the child, as a terminal gives it: a suite started in the background
+    by a script runs with SIGINT ignored, which every child inherits (and then never sees a Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_with_one_line_and_the_next_run_completes(tmp_path):
     photos, labels = _collection(tmp_path, per_city=50)
     ws = tmp_path / "ws"
     # a new session stands in for the terminal: Ctrl-C signals the whole process group
     proc = subprocess.Popen(_cmd(photos, labels, ws, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_terminal_sigint)
     # Ctrl-C as soon as discovery has committed the pending rows: decoding is starting. (Waiting
     # for the first decoded photo raced the end of the whole run on a fast moment. No deadline
     # sends it early either: on a loaded machine that would land in start-up, a traceback.)
@@ -164,6 +170,6 @@ def test_ctrl_c_while_the_pool_forks_is_not_lost():
     # Unguarded, the KeyboardInterrupt raised in the at-fork hook is printed and dropped, and the
     # ingest went on to exit 0 (the race the test above once hit).
     run = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_FORK], capture_output=True, text=True,
-                         timeout=PATIENCE_S)
+                         timeout=PATIENCE_S, preexec_fn=_terminal_sigint)
     assert run.returncode == 130, run.stderr
     assert "Exception ignored" not in run.stderr

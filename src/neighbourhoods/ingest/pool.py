@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
 
 from tqdm import tqdm
@@ -29,23 +30,28 @@ def start_pool(method: str, workers: int):
 
     A SIGINT that lands while the main thread forks is raised inside CPython's at-fork hooks,
     which print it and drop it ("Exception ignored in _releaseLock"): the run went on and exited 0.
-    Blocking SIGINT while the workers fork holds it pending; it is delivered on unblocking, so
-    the KeyboardInterrupt arrives here, after the pool exists. (Workers inherit the blocked
-    mask; they ignore SIGINT anyway.)
+    Blocking SIGINT in the main thread is not enough: the kernel hands a process-wide signal to
+    any thread that does not block it (tqdm's monitor, say), and Python then runs the handler in
+    the main thread wherever it is, fork hooks included. So while the workers fork, SIGINT's
+    handler only records the signal; once the pool exists the run's own handler is put back and
+    the signal raised again, to do what it would have done. (Workers ignore SIGINT anyway.)
     """
     ctx = multiprocessing.get_context(method)
-    if not hasattr(signal, "pthread_sigmask"):        # Windows: no fork, no hooks to race
+    if threading.current_thread() is not threading.main_thread():   # only the main thread sets handlers
         return ctx.Pool(workers, initializer=_ignore_sigint)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     pool = None
     try:
         pool = ctx.Pool(workers, initializer=_ignore_sigint)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)   # a Ctrl-C held meanwhile is raised here
-    except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        if pool is not None:
+    finally:   # (None: a handler set outside Python; Python's own is the nearest thing)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+    if held:
+        try:
+            signal.raise_signal(signal.SIGINT)   # the Ctrl-C held meanwhile, to the run's own handler
+        except BaseException:
             pool.terminate()
-        raise
+            raise
     return pool
 
 

@@ -239,6 +239,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 line = tick.line(after, state.time_s)
                 if cfg.kid_every > 0 and crossed(cfg.kid_every, before, after, done) and dd.main:
                     from neighbourhoods.scoring import training_score  # Inception: only when asked
+                    calibrate(run, nets, state)   # G_ema as it will be saved and sampled: its own BN statistics
                     score = training_score(ws, cfg.res, nets.G_ema, data.class_names,
                                            city_map=CityMap.build(data.class_names, data.split.label_names),
                                            n=KID_IMAGES)
