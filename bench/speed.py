@@ -45,10 +45,9 @@ from neighbourhoods import models  # noqa: E402
 from neighbourhoods.core.resolution import parse_res, res_name  # noqa: E402
 from neighbourhoods.core.workspace import atomic_write_json  # noqa: E402
 from neighbourhoods.nets.devices import Dist, autocast_dtype  # noqa: E402
-from neighbourhoods.train.config import LAYOUT_WEIGHT, TrainConfig, resolve_config  # noqa: E402
+from neighbourhoods.train.config import TrainConfig, resolve_config  # noqa: E402
 from neighbourhoods.train.ema import ema_beta  # noqa: E402
-from neighbourhoods.train.loop import train_step  # noqa: E402
-from neighbourhoods.train.loss import GANLoss  # noqa: E402
+from neighbourhoods.train.loop import build_loss, builder_kwargs, train_step  # noqa: E402
 from neighbourhoods.train.state import build_nets  # noqa: E402
 
 VARIANTS = ("default", "grown", "grown-native", "for-growing", "feature-1", "g-wide")
@@ -68,13 +67,9 @@ def make_step(variant: str, res: tuple[int, int], batch: int):
     if variant == "feature-1":
         kwargs["feature_min_side"] = 0
     cfg = resolve_config(TrainConfig(res=res, batch=batch, model_kwargs=kwargs))
-    if cfg.layouts:   # the layout prior's size, as the loop adds it (its fit does not change the cost)
-        kwargs = {**kwargs, "layouts": cfg.layouts, "layout_dim": int(kwargs.get("layout_dim", 32))}
     device = torch.device("cpu")
-    nets = build_nets(cfg, CLASSES, device, Dist(0, 1, 0), kwargs)
-    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train,
-                   kind=models.recipe(cfg.model)["loss"], augment=cfg.augment, mode_seeking=cfg.mode_seeking,
-                   layout_weight=LAYOUT_WEIGHT)
+    nets = build_nets(cfg, CLASSES, device, Dist(0, 1, 0), builder_kwargs(cfg))   # layout prior unfitted: same cost
+    loss = build_loss(cfg, nets)
     dtype = autocast_dtype(cfg.amp, device)
     autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
     real = torch.rand(batch, 3, *res) * 2 - 1

@@ -104,9 +104,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     # Load the data: the train split of the selected photos, memory-mapped.
     data = load_training_data(ws, cfg)
     run = Run(cfg=cfg, dd=dd, device=device, run_dir=run_dir, data=data, batch_local=cfg.batch // dd.world,
-              model_kwargs=dict(cfg.model_kwargs))
-    if cfg.layouts:   # the layout prior's size; it is fitted below for a new run, restored on resume
-        run.model_kwargs.update(layouts=cfg.layouts, layout_dim=int(run.model_kwargs.get("layout_dim", 32)))
+              model_kwargs=builder_kwargs(cfg))
 
     # Construct networks and optimizers (identical init on every rank), then give each rank
     # its own noise and augmentation streams; rank 0 of a single process keeps `seed`.
@@ -114,9 +112,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes: pick the fastest kernels once
     seed_everything(cfg.seed + 1_000_003 * dd.rank)
-    loss = GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train,
-                   kind=models.recipe(cfg.model)["loss"], augment=cfg.augment, mode_seeking=cfg.mode_seeking,
-                   layout_weight=LAYOUT_WEIGHT)
+    loss = build_loss(cfg, nets)
     state = TrainState()
 
     # Resume from the latest checkpoint, if asked and there is one.
@@ -302,6 +298,22 @@ def warn_if_below_photos(ws: Workspace, cfg: TrainConfig, dd: Dist) -> None:
         say(cfg, dd.main, f"note: training at {cfg.res.name}, but the photos support {best.name} (ingest's photo "
                           f"size): for the website, ingest and train at --res {best.name} (or grow this run "
                           "by an octave later, train --grow-from), or thumbnails are this run's samples enlarged")
+
+
+def builder_kwargs(cfg: TrainConfig) -> dict:
+    """The model builder's arguments: the run's model_kwargs, plus the layout prior's size (the
+    prior is fitted at a new run's start, restored on resume)."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.layouts:
+        kwargs.update(layouts=cfg.layouts, layout_dim=int(kwargs.get("layout_dim", 32)))
+    return kwargs
+
+
+def build_loss(cfg: TrainConfig, nets: Nets) -> GANLoss:
+    """The run's loss: the model's own adversarial loss and the recipe's terms, on these networks."""
+    return GANLoss(G=nets.G, G_train=nets.G_train, D=nets.D, D_train=nets.D_train,
+                   kind=models.recipe(cfg.model)["loss"], augment=cfg.augment, mode_seeking=cfg.mode_seeking,
+                   layout_weight=LAYOUT_WEIGHT)
 
 
 def set_fade(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
