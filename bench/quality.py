@@ -112,8 +112,11 @@ def summary(result: dict, ws_root: Path, run_dir: Path, config: ScoringConfig) -
     q = result["quality"]
     return {"fid": q["fid"], "kid_mean": q["kid"]["mean"], "kid_std": q["kid"]["std"], "precision": q["precision"],
             "recall": q["recall"], "within_city_diversity": q["within_city_diversity"],
+            "near_duplicates": q.get("near_duplicates"), "snapshot": result.get("snapshot"),
+            "images_seen": result.get("images_seen"),
             "per_city": [{"city": c["city"], "holdout": c["holdout"], "generated": c["generated"],
-                          "kid_mean": c["kid"]["mean"], "kid_std": c["kid"]["std"], "diversity": c["diversity"]}
+                          "kid_mean": c["kid"]["mean"], "kid_std": c["kid"]["std"], "diversity": c["diversity"],
+                          "near_duplicates": c.get("near_duplicates")}
                          for c in result["per_city"]],
             "real_vs_real_floor": result["real_vs_real_floor"], "scored_at": result["scored_at"],
             "metrics": result.get("path"), "evaluate_command": evaluate_command(ws_root, run_dir, config)}
@@ -142,11 +145,38 @@ def score_run(ws_root: Path, run_dir: Path, top_cities: list[str], grid_path: Pa
                                                  progress=False)
         thumb_grid = grid_path.with_name(grid_path.stem + "-thumbnails.png")
         save_grid(thumb_grid, grid_thumbs, GRID_SEEDS, row_names=rows)
+        grid_size = (256, 192) if size[0] * 3 == size[1] * 4 else size
         at_size = {"size": f"{size[0]}x{size[1]}", "upscale": upscale, "grid": str(thumb_grid),
+                   "grid_same_house": grid_same_house(ws, gen.res, rows, grid_thumbs, grid_size),
                    **summary(served_result, ws_root, run_dir, served_config)}
     return {"served": at_size, "novelty": result["novelty"], **summary(result, ws_root, run_dir, config),
             "samples": config.n, "scoring_s": time.time() - t0, "images_seen": result["images_seen"],
             "grid": str(grid_path), "classes": len(gen.class_names)}
+
+
+def grid_same_house(ws: Workspace, res: tuple[int, int], cities: list[str], thumbs: np.ndarray,
+                    size: tuple[int, int]) -> dict[str, list[list[int]]]:
+    """For each grid row (a city, GRID_SEEDS seeds as served at `size`): the pairs of seeds that
+    are one house, i.e. more alike in the Inception space than the 99th percentile of the city's
+    held-out photo pairs (scoring's near-duplicate rule). The issue's check: no such pair."""
+    from neighbourhoods.core.prepared import load_label_names
+    from neighbourhoods.metrics import scores
+    from neighbourhoods.metrics.features import load_space
+
+    space = load_space("inception")
+    feats = space.extract(thumbs, progress=False)
+    holdout, names = load_split(ws, res, "holdout"), load_label_names(ws)
+    out = {}
+    for row, city in enumerate(cities):
+        ids = holdout.photo_ids[holdout.labels == names.index(city)] if city in names else []
+        if len(ids) < 2:
+            continue
+        threshold = scores.near_duplicate_threshold(scoring.served_real_features(ws, ids, size, space, progress=False))
+        f = feats[row * GRID_SEEDS:(row + 1) * GRID_SEEDS]
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        sims = f @ f.T
+        out[city] = [[i, j] for i in range(GRID_SEEDS) for j in range(i + 1, GRID_SEEDS) if sims[i, j] > threshold]
+    return out
 
 
 def train_seconds(run_dir: Path, t0: float) -> float:

@@ -145,6 +145,23 @@ def test_far_away_samples_have_zero_precision(rng):
 
 
 # --- the FID Inception network ------------------------------------------------------------------
+def test_near_duplicate_share_is_one_percent_for_photos_and_near_one_for_one_house(rng):
+    # a city's "photos": features on a sphere-ish cloud; samples drawn like them share the photos' 1%
+    centre = rng.normal(size=64) * 0.5
+    real = centre + rng.normal(size=(120, 64))
+    like_real = centre + rng.normal(size=(120, 64))
+    assert metrics.near_duplicate_share(real, real) == pytest.approx(0.01, abs=0.002)   # by construction
+    assert metrics.near_duplicate_share(real, like_real) < 0.03
+    # one house under every seed, with a little noise: nearly every pair is a near-duplicate
+    one_house = real[0] + 0.05 * rng.normal(size=(40, 64))
+    assert metrics.near_duplicate_share(real, one_house) > 0.95
+    # half the seeds on one house: at least the share of pairs inside that half
+    half = np.concatenate([one_house[:20], like_real[:20]])
+    assert metrics.near_duplicate_share(real, half) >= 190 / 780
+    # the threshold is a percentile of the photos' own pair similarities
+    assert metrics.near_duplicate_share(real, like_real, percentile=50.0) > metrics.near_duplicate_share(real, like_real)
+
+
 def test_bundled_inception_weights_pass_their_checksum():
     inception.verify_weights(inception.weights_path())
 

@@ -69,6 +69,20 @@ def test_the_default_model_takes_a_training_step_at_the_gpu_size_192x256():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def test_g_without_noise_injection_has_no_noise_and_runs_written_before_build_with_it():
+    without = projected.build_generator(2, (48, 64), g_noise=False)
+    assert not any(isinstance(m, generator.NoiseInjection) for m in without.modules())
+    assert not any("noises" in k for k in without.state_dict())
+    before = projected.build_generator(2, (48, 64))    # a config.json without g_noise: the noise it trained with
+    assert any("noises" in k for k in before.state_dict())
+    without.train()
+    z, y = torch.randn(2, without.z_dim), torch.tensor([0, 1])
+    torch.manual_seed(1)
+    a = without(z, y)
+    torch.manual_seed(2)
+    assert torch.equal(a, without(z, y))   # no noise: training-mode samples need no RNG either
+
+
 def test_resolution_that_cannot_be_reached_by_upsampling_is_refused():
     with pytest.raises(ValueError, match="multiple of 4"):
         generator.Generator(2, (50, 66))

@@ -130,13 +130,17 @@ def test_switched_off_parts_are_not_computed(toy):
 
 
 # --- the training curve's estimate --------------------------------------------------------------
-def test_training_score_is_the_kid_evaluate_reports_at_the_same_n_and_seed(toy):
+def test_training_score_is_the_kid_evaluate_reports_against_training_photos_at_the_same_n_and_seed(toy):
     gen = runs.load_generator(toy.run_dir)
     estimate = scoring.training_score(toy.ws, RES, gen.model, gen.class_names, gen.city_map, n=8, seed=3)
-    evaluation = scoring.score_run(toy.ws, toy.run, scoring.ScoringConfig(n=8, seed=3, novelty_spaces=()),
+    evaluation = scoring.score_run(toy.ws, toy.run, scoring.ScoringConfig(n=8, seed=3, against="train",
+                                                                         novelty_spaces=()),
                                    progress=False, write=False)
     assert estimate["quality"]["kid"] == evaluation["quality"]["kid"]
     assert estimate["quality"]["kid"]["mean"] > 0 and estimate["novelty"] is None
+    held_out = scoring.score_run(toy.ws, toy.run, scoring.ScoringConfig(n=8, seed=3, novelty_spaces=()),
+                                 progress=False, write=False)
+    assert held_out["quality"]["kid"] != estimate["quality"]["kid"]   # the held-out photos judge only the final pick
 
 
 def test_a_run_with_kid_every_logs_the_training_score_in_its_metrics(toy, monkeypatch):
@@ -149,10 +153,11 @@ def test_a_run_with_kid_every_logs_the_training_score_in_its_metrics(toy, monkey
                                     kid_every=16, tick_every=8, snapshot_every=16, bn_stat_images=16, num_workers=0,
                                     progress=False))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert "kid" not in lines[0] and lines[-1]["kid"] > 0 and lines[-1]["kid_std"] >= 0
+    assert "kid_train" not in lines[0] and lines[-1]["kid_train"] > 0 and lines[-1]["kid_train_std"] >= 0
     gen = runs.load_generator(run)   # the same number as the one scoring function gives these weights
+    assert gen.snapshot == "best" and gen.images_seen == 16
     again = scoring.training_score(toy.ws, RES, gen.model, gen.class_names, gen.city_map, n=8)
-    assert lines[-1]["kid"] == pytest.approx(again["quality"]["kid"]["mean"])
+    assert lines[-1]["kid_train"] == pytest.approx(again["quality"]["kid"]["mean"])
 
 
 def test_training_score_restores_the_models_train_mode(toy):
@@ -162,14 +167,14 @@ def test_training_score_restores_the_models_train_mode(toy):
     assert gen.model.training
 
 
-def test_training_score_without_held_out_photos_is_none(toy, tmp_path):
+def test_training_score_needs_no_held_out_photos(toy, tmp_path):
     from neighbourhoods.demo.toytown import draw_toytown
     from neighbourhoods.ingest import ingest
 
     photos, labels = draw_toytown(tmp_path / "t", cities=("Pinecrest",), per_city=6)
     ingest(photos, tmp_path / "ws", labels=labels, res=[RES], holdout_min=1000, workers=1, progress=False)
     gen = runs.load_generator(toy.run_dir)
-    assert scoring.training_score(tmp_path / "ws", RES, gen.model, gen.class_names, n=8) is None
+    assert scoring.training_score(tmp_path / "ws", RES, gen.model, gen.class_names, n=8)["quality"]["kid"]["mean"] > 0
 
 
 

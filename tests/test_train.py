@@ -136,6 +136,30 @@ def test_a_time_budget_stops_training_and_saves(toy_ws):
     assert (run / "samples" / f"progress-{images_seen:010d}.png").is_file()
 
 
+def test_the_gpu_scale_rule_sets_batch_rates_and_ema_and_dry_run_prints_it(toy_ws, capsys, monkeypatch):
+    from neighbourhoods.train.config import resolve_config
+    from neighbourhoods.train.scale import GPU_BATCH, MAX_LR
+
+    one = resolve_config(TrainConfig(device="cuda"))
+    assert (one.batch, one.lr_g, one.lr_d, one.ema_kimg) == (GPU_BATCH, pytest.approx(1e-3 * math.sqrt(2)),
+                                                             pytest.approx(1e-3 * math.sqrt(2)), 20.0)
+    cpu = resolve_config(TrainConfig())                                                # the measured CPU recipe
+    assert (cpu.batch, cpu.lr_g, cpu.ema_kimg) == (32, 1e-3, 10.0)
+    monkeypatch.setenv("WORLD_SIZE", "8")     # torchrun's count (or set by hand, to plan a run)
+    eight = resolve_config(TrainConfig(device="cuda", gpu_hours=16, kimg=None))
+    assert (eight.batch, eight.lr_g, eight.ema_kimg, eight.minutes, eight.kimg) == (512, MAX_LR, 160.0, 120.0, None)
+    mine = resolve_config(TrainConfig(device="cuda", batch=128, lr_g=5e-4))           # what the user sets stays
+    assert (mine.batch, mine.lr_g, mine.lr_d, mine.ema_kimg) == (128, 5e-4, pytest.approx(2e-3), 40.0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train", "-w", str(toy_ws), "--res", "32x32", "--device", "cuda", "--gpu-hours", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 256 = 64 per GPU x 4 GPU(s)" in out and "ema_kimg 80" in out
+    assert "budget: 2 GPU-hours = 30 minutes per process" in out and '"batch": 256' in out
+    monkeypatch.setenv("WORLD_SIZE", "many")
+    with pytest.raises(NeighbourhoodsError, match="not a process count"):
+        resolve_config(TrainConfig(device="cuda"))
+
+
 def test_default_model_is_projected():
     assert TrainConfig().model == "projected"
 

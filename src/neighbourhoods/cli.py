@@ -27,6 +27,12 @@ def _arg(parse):
     return convert
 
 
+def _add_snapshot(p) -> None:
+    p.add_argument("--snapshot", default="best", metavar="best|last|IMAGES",
+                   help="a run's weights: best (the snapshot its training curve's KID picked, where it keeps one; "
+                        "default), last (its latest checkpoint) or the images_seen of a kept checkpoint")
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -189,6 +195,7 @@ def _add_generate(sub) -> None:
                    "its first call indexes every training photo, hours on a CPU at 100k+ photos")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_snapshot(p)
     p.set_defaults(func=_run_generate)
 
 
@@ -198,7 +205,7 @@ def _run_generate(args) -> None:
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
                          all_cities=args.all_cities, every_city=args.every_city, fallback=args.fallback,
-                         guard_device=args.guard_device)
+                         guard_device=args.guard_device, snapshot=args.snapshot)
     manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
     if args.json:
         _print_json(manifest)
@@ -231,6 +238,7 @@ def _add_serve(sub) -> None:
                    help="seconds a connection has to send a whole request head (slow clients are closed)")
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--max-connections", type=int, default=256, help="open connections beyond this get a 503 at once")
+    _add_snapshot(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -245,7 +253,7 @@ def _run_serve(args) -> None:
                       header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
                       max_connections=args.max_connections)
     serve(args.workspace, args.run, host=args.host, port=args.port, config=cfg, upscale=args.upscale,
-          novelty=not args.no_novelty_guard, guard_device=args.guard_device)
+          novelty=not args.no_novelty_guard, guard_device=args.guard_device, snapshot=args.snapshot)
 
 
 def _add_sign(sub) -> None:
@@ -276,13 +284,14 @@ def _add_export(sub) -> None:
                    "and the upscaler (default: from --out's suffix)")
     p.add_argument("--bench", action="store_true", help="also measure CPU latency per thumbnail at batch 1 and 64")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_snapshot(p)
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args) -> None:
     from neighbourhoods.export import export
 
-    result = export(args.workspace, args.run, args.out, bench=args.bench, fmt=args.format)
+    result = export(args.workspace, args.run, args.out, bench=args.bench, fmt=args.format, snapshot=args.snapshot)
     if args.json:
         _print_json(result)
     else:
@@ -370,7 +379,11 @@ def _add_evaluate(sub) -> None:
                    help="score the thumbnails as generate/serve make them at this size (e.g. 128x96, 256x192), "
                         "against the held-out photos cropped to that size (default: the samples themselves)")
     p.add_argument("--upscale", default=None, help="the served path's upscaler (default: what generate and serve use)")
+    p.add_argument("--against", choices=["holdout", "train"], default="holdout",
+                   help="the real photos: holdout (default), or train (the fixed draw of training photos the "
+                        "training curve uses: reproduces its KID with --n 300)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_snapshot(p)
     p.set_defaults(func=_run_evaluate)
 
 
@@ -378,8 +391,8 @@ def _run_evaluate(args) -> None:
     from neighbourhoods.evaluate import EvaluateConfig, describe, evaluate
 
     config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device,
-                            size=args.size, upscale=args.upscale)
-    result = evaluate(args.workspace, args.run, config, progress=not args.json)
+                            size=args.size, upscale=args.upscale, against=args.against)
+    result = evaluate(args.workspace, args.run, config, progress=not args.json, snapshot=args.snapshot)
     if args.json:
         _print_json(result)
     else:
@@ -392,13 +405,14 @@ def _add_report(sub) -> None:
     p.add_argument("--run", required=True, help="run name under WS/runs, or a run folder")
     p.add_argument("--out", help="HTML file to write (default WS/runs/RUN/report.html)")
     p.add_argument("--seeds", type=int, default=8, help="samples per city in the city grid")
+    _add_snapshot(p)
     p.set_defaults(func=_run_report)
 
 
 def _run_report(args) -> None:
     from neighbourhoods.report import write_report
 
-    print(write_report(args.workspace, args.run, out=args.out, seeds=args.seeds))
+    print(write_report(args.workspace, args.run, out=args.out, seeds=args.seeds, snapshot=args.snapshot))
 
 
 class _Parser(argparse.ArgumentParser):

@@ -43,15 +43,16 @@ def _wrapper(model):
     return Uint8Generator().eval()
 
 
-def export(workspace, run: str, out, bench: bool = False, check_n: int = 8, fmt: str | None = None) -> dict:
+def export(workspace, run: str, out, bench: bool = False, check_n: int = 8, fmt: str | None = None,
+           snapshot: str = "best") -> dict:
     out = Path(out)
     fmt = fmt or (out.suffix[1:] if out.suffix in (".pt2", ".onnx") else "pt2")
     if fmt not in ("pt2", "onnx") or out.suffix != f".{fmt}":
         raise NeighbourhoodsError(f"--out must end in .pt2 (--format pt2) or .onnx (--format onnx), got {out}")
     if fmt == "onnx":
-        return export_onnx(workspace, run, out, check_n=check_n)
+        return export_onnx(workspace, run, out, check_n=check_n, snapshot=snapshot)
     ws = open_workspace(workspace)
-    gen = runs.load_generator(runs.resolve_run(ws, run))
+    gen = runs.load_generator(runs.resolve_run(ws, run), snapshot=snapshot)
     wrapped = _wrapper(gen.model)
     n = torch.export.Dim("n", min=1, max=1024)
     z = torch.randn(2, gen.z_dim)
@@ -63,7 +64,7 @@ def export(workspace, run: str, out, bench: bool = False, check_n: int = 8, fmt:
         torch.export.save(program, str(tmp))
     meta = {"class_names": list(gen.class_names), "city_map": gen.city_map.to_json(), "res": list(gen.res),
             "z_dim": int(gen.z_dim),
-            "images_seen": int(gen.images_seen), "fingerprint": weights_fingerprint(gen.model),
+            "images_seen": int(gen.images_seen), "snapshot": gen.snapshot, "fingerprint": weights_fingerprint(gen.model),
             "run": str(runs.resolve_run(ws, run)), "noise": "runs.noise_for_seeds"}
     atomic_write_json(out.with_suffix(".json"), meta)
 
@@ -127,7 +128,7 @@ def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynam
                           output_names=outputs, dynamic_axes=dynamic)
 
 
-def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
+def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str = "best") -> dict:
     """OUT.onnx (+ .json, .guard.onnx, .guard.npz, .sr.onnx): a replica with no torch (replica.py)."""
     from neighbourhoods.core.images import EFFICIENTNET_INPUT
     from neighbourhoods.core.latents import latents
@@ -138,7 +139,7 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
 
     ws = open_workspace(workspace)
     run_dir = runs.resolve_run(ws, run)
-    gen = runs.load_generator(run_dir)
+    gen = runs.load_generator(run_dir, snapshot=snapshot)
     out.parent.mkdir(parents=True, exist_ok=True)
     z = torch.from_numpy(latents([0, 1], gen.z_dim))
     _onnx(_wrapper(gen.model), (z, torch.zeros(2, dtype=torch.long)), out, ["z", "labels"], ["images"],
@@ -169,7 +170,7 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8) -> dict:
               {"x": {2: "h", 3: "w"}, "y": {2: "h2", 3: "w2"}})
         upscale = {"name": "espcn", "scale": upscaler.scale, "fingerprint": upscaler.fingerprint}
     meta = {"format": "onnx", "class_names": list(gen.class_names), "city_map": gen.city_map.to_json(),
-            "res": list(gen.res), "z_dim": int(gen.z_dim), "images_seen": int(gen.images_seen),
+            "res": list(gen.res), "z_dim": int(gen.z_dim), "images_seen": int(gen.images_seen), "snapshot": gen.snapshot,
             "fingerprint": weights_fingerprint(gen.model), "run": str(run_dir), "noise": "core.latents",
             "guard": {"space": index.space, "photos": int(len(index.train_photo_ids)),
                       "threshold": float(index.threshold)},

@@ -51,6 +51,7 @@ class GenerateConfig:
     all_cities: bool = False         # one folder per conditioning class
     every_city: bool = False         # one folder per city of the run's data, pooled ones included
     fallback: str | None = None      # "any": a city the data never had is drawn from "(any city)"
+    snapshot: str = "best"           # a run's weights: its best snapshot (where it keeps one) or "last"
 
 
 def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: bool = True) -> dict:
@@ -61,7 +62,7 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     check_seed(config.seed + config.n - 1)
     fmt = parse_format(config.fmt)
     source, guard, upscaler = load_pipeline(workspace, run, config.upscale, config.novelty, config.guard_device,
-                                            progress=progress)
+                                            progress=progress, snapshot=config.snapshot)
     if config.every_city:
         matches = [source.resolve(c) for c in source.city_map.cities]
     elif config.all_cities:
@@ -73,7 +74,7 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     out = Path(out_dir)
     make_folder(out, "output")
     seeds = list(range(config.seed, config.seed + config.n))
-    manifest = {"run": source.label, "images_seen": source.images_seen, "model_fingerprint": source.fingerprint,
+    manifest = {"run": source.label, "snapshot": source.snapshot, "images_seen": source.images_seen, "model_fingerprint": source.fingerprint,
                 "generator_res": list(source.res), "size": f"{config.size[0]}x{config.size[1]}", "format": fmt,
                 "upscale": upscaler.name, "novelty_guard": None if guard is None else
                 {"threshold": guard.threshold, "max_attempts": guard.max_attempts},

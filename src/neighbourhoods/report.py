@@ -229,18 +229,52 @@ def curves_section(run_dir: Path) -> str:
     series = [{"label": key, "x": kimg, "y": np.array([r.get(key, np.nan) for r in log], float)}
               for key in ("loss_d", "loss_g") if any(key in r for r in log)]
     parts = ["<h3>Losses</h3>" + svg_chart(series, "thousands of images shown (kimg)", "loss")]
-    kid_rows = [r for r in log if r.get("kid") is not None]
+    # the training curve: against training photos (kid_train, which picks the best snapshot), or, in
+    # runs written before best snapshots, against the held-out photos (kid)
+    key = "kid_train" if any(r.get("kid_train") is not None for r in log) else "kid"
+    kid_rows = [r for r in log if r.get(key) is not None]
     if kid_rows:
         def value(r):
-            k = r["kid"]
-            return (k[0], k[1]) if isinstance(k, (list, tuple)) else (k, r.get("kid_std", 0.0))
+            k = r[key]
+            return (k[0], k[1]) if isinstance(k, (list, tuple)) else (k, r.get(f"{key}_std", 0.0))
         vals = np.array([value(r) for r in kid_rows], float) * 1000
-        parts.append("<h3>KID during training (x1e-3, held-out photos, a few hundred samples)</h3>" + svg_chart(
+        best = runs.best_snapshot(run_dir)
+        marks = [(best["images_seen"] / 1000, "best")] if best else []
+        against = "a fixed draw of training photos" if key == "kid_train" else "held-out photos"
+        parts.append(f"<h3>KID during training (x1e-3, {against}, a few hundred samples)</h3>" + svg_chart(
             [{"label": "KID", "x": [r["images_seen"] / 1000 for r in kid_rows], "y": vals[:, 0], "err": vals[:, 1]}],
-            "thousands of images shown (kimg)", "KID x 1e-3"))
+            "thousands of images shown (kimg)", "KID x 1e-3", vlines=marks)
+            + (f"<p class='note'>best snapshot (used by generate, serve, export, evaluate and this report unless "
+               f"told --snapshot last): {best['images_seen']:,} images</p>" if best else ""))
     else:
         parts.append("<p class='note'>no KID in metrics.jsonl: train with kid_every > 0 to log it</p>")
+    parts += served_curves(run_dir)
     return "\n".join(parts)
+
+
+def served_curves(run_dir: Path) -> list[str]:
+    """KID, precision and recall at each served size over the snapshots `evaluate` scored there
+    (bench/curve.py scores every kept checkpoint): does more compute buy more photo?"""
+    points: dict[str, list[tuple[int, dict]]] = {}
+    for path in sorted((Path(run_dir) / "eval").glob("*/metrics-*.json")):
+        try:
+            points.setdefault(path.stem.split("-", 1)[1], []).append((int(path.parent.name),
+                                                                     json.loads(path.read_text())["quality"]))
+        except (ValueError, KeyError, json.JSONDecodeError):
+            continue
+    out = []
+    for size, rows in points.items():
+        if len(rows) < 2:
+            continue
+        x = [images / 1000 for images, _ in rows]
+        kid = np.array([[q["kid"]["mean"], q["kid"]["std"]] for _, q in rows], float) * 1000
+        out.append(f"<h3>Quality of the thumbnails served at {esc(size)} over training (held-out photos)</h3>"
+                   + svg_chart([{"label": "KID", "x": x, "y": kid[:, 0], "err": kid[:, 1]}],
+                               "thousands of images shown (kimg)", "KID x 1e-3")
+                   + svg_chart([{"label": "recall", "x": x, "y": [q["recall"] or 0.0 for _, q in rows]},
+                                {"label": "precision", "x": x, "y": [q["precision"] or 0.0 for _, q in rows]}],
+                               "thousands of images shown (kimg)", "precision, recall"))
+    return out
 
 
 def progress_section(run_dir: Path, max_grids: int = 6) -> str:
@@ -331,6 +365,10 @@ def quality_rows(q: dict, floor: dict | None) -> list[list[str]]:
             ["recall (coverage)", _num(q.get("recall"), ".3f"), _num(floor.get("recall"), ".3f")]]
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f}%"
+
+
 def served_section(served: list[dict]) -> str:
     """The figures of the thumbnails as served (evaluate --size), one column per size."""
     if not served:
@@ -341,6 +379,7 @@ def served_section(served: list[dict]) -> str:
     rows.append(["real-vs-real floor: FID"] + [quality_rows(e["quality"], e.get("real_vs_real_floor"))[0][2]
                                                 for e in served])
     rows.append(["within-city diversity"] + [_num(e["quality"].get("within_city_diversity"), ".2f") for e in served])
+    rows.append(["within-city near-duplicates"] + [_pct(e["quality"].get("near_duplicates")) for e in served])
     return ("<h3>As served: thumbnails against the held-out photos cropped to the same size</h3>"
             + table(["", *[f"{e['config']['size'][0]}x{e['config']['size'][1]}" for e in served]], rows))
 
@@ -355,6 +394,9 @@ def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=N
     if q.get("within_city_diversity") is not None:
         rows.append(["within-city diversity (1.0 = as varied as the city's real photos)",
                      f"{q['within_city_diversity']:.2f}", "1.00 by construction"])
+    if q.get("near_duplicates") is not None:
+        rows.append(["within-city near-duplicates (same-city pairs more alike than the photos' 99th percentile)",
+                     _pct(q["near_duplicates"]), "1% by construction"])
     for s, v in nov.items():
         if isinstance(v, dict):
             rows.append([f"memorised, {s} space (threshold {v['threshold']:.4f})",
@@ -372,13 +414,14 @@ def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=N
         rows = []
         for c in evaluation["per_city"]:
             row = [esc(c["city"]), _kid(c["kid"]), f"{c['diversity']:.2f}" if "diversity" in c else "-",
-                   c["generated"], c["holdout"]]
+                   _pct(c.get("near_duplicates")), c["generated"], c["holdout"]]
             if gen is not None and c["city"] in gen.class_names:   # the seeds behind the diversity figure
                 strip = image_row(runs.sample(gen, [gen.class_names.index(c["city"])] * seeds, list(range(seeds))))
                 row.append(img_tag(strip, f"seeds of {c['city']}", width=strip.shape[1] * 2))
             rows.append(row)
         out += "<h3>Per city: KID x1e-3 and within-city diversity</h3>" + table(
-            ["city", "KID", "diversity", "samples", "held-out photos"] + (["seeds"] if gen is not None else []), rows)
+            ["city", "KID", "diversity", "near-duplicates", "samples", "held-out photos"]
+            + (["seeds"] if gen is not None else []), rows)
     return out
 
 
@@ -392,11 +435,11 @@ figcaption{text-align:center;font-size:13px;color:#555} img.grid{max-width:520px
 """
 
 
-def build_report(ws: Workspace, run: str, seeds: int = 8, max_cities: int = 16) -> str:
-    """The report's HTML, as a string."""
+def build_report(ws: Workspace, run: str, seeds: int = 8, max_cities: int = 16, snapshot: str = "best") -> str:
+    """The report's HTML, as a string: of the run's `snapshot` (best, where it keeps one, or last)."""
     run_dir = runs.resolve_run(ws, run)
-    gen = runs.load_generator(run_dir)
-    found = evaluations(run_dir)   # the samples' figures first, then each served size's
+    gen = runs.load_generator(run_dir, snapshot=snapshot)
+    found = evaluations(run_dir, gen.images_seen)   # the samples' figures first, then each served size's
     evaluation = found[0] if found else None
     config = gen.config
     title = f"neighbourhoods report: {run_dir.name}"
@@ -412,17 +455,18 @@ def build_report(ws: Workspace, run: str, seeds: int = 8, max_cities: int = 16) 
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'><style>{CSS}</style></head><body>"
             f"<h1>{esc(title)}</h1><p class='note'>model {esc(config.get('model', '?'))}, "
-            f"{esc(res_name(tuple(gen.res)))}, {len(gen.class_names)} classes, {gen.images_seen / 1000:g} kimg; "
+            f"{esc(res_name(tuple(gen.res)))}, {len(gen.class_names)} classes, {gen.snapshot} snapshot at "
+            f"{gen.images_seen / 1000:g} kimg; "
             f"written {esc(time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()))}</p>{body}</body></html>")
 
 
 def write_report(workspace: Workspace | str, run: str, out: str | Path | None = None, seeds: int = 8,
-                 max_cities: int = 16) -> Path:
+                 max_cities: int = 16, snapshot: str = "best") -> Path:
     """Write the report (default WS/runs/<run>/report.html) atomically; returns its path."""
     ws = workspace if isinstance(workspace, Workspace) else open_workspace(workspace)
     if seeds < 1 or max_cities < 1:
         raise NeighbourhoodsError("seeds and max_cities must be at least 1")
     run_dir = runs.resolve_run(ws, run)
     path = Path(out) if out is not None else run_dir / "report.html"
-    atomic_write_text(path, build_report(ws, run, seeds=seeds, max_cities=max_cities))
+    atomic_write_text(path, build_report(ws, run, seeds=seeds, max_cities=max_cities, snapshot=snapshot))
     return path

@@ -13,8 +13,9 @@ all score a generator through `score` here, so a figure of one is reproduced by 
   (`real_photos_at`);
 - which spaces: quality in the standard FID Inception space (metrics/features.py); novelty in
   each of `novelty_spaces` (Inception, EfficientNet-Lite0 at 224 and at the images' own size);
-- what: FID, KID (mean and std over random subsets), precision/recall (k=3), per-city KID and
-  within-city diversity for cities with at least `min_city_holdout` held-out photos, the
+- what: FID, KID (mean and std over random subsets), precision/recall (k=3), per-city KID,
+  within-city diversity and near-duplicate share (same-city sample pairs more alike, in the
+  Inception space, than the 99th percentile of the city's held-out photo pairs) for cities with at least `min_city_holdout` held-out photos, the
   real-vs-real floor (min(n, #train) training photos against the held-out ones: what a perfect
   generator would score at this n), and novelty (each sample's nearest training photo, the
   memorisation rate against a threshold calibrated on the held-out photos).
@@ -59,6 +60,9 @@ NOVELTY_FILE = "novelty.npz"
 @dataclass
 class ScoringConfig:
     n: int = 2000                 # generated samples (the real side is every held-out photo)
+    against: str = "holdout"      # the real photos: "holdout", or "train" (a fixed draw of TRAIN_REFERENCE
+                                  # training photos: the training curve, which picks the best snapshot, so
+                                  # the held-out photos judge only the snapshot it picked)
     seed: int = 0                 # sample i uses seed + i; also seeds KID's subsets and the floor's draw
     size: tuple[int, int] | None = None   # (W, H): score thumbnails as served at this size (None: the samples)
     upscale: str | None = None    # the upscaler of the served path (None: what generate and serve use)
@@ -70,6 +74,7 @@ class ScoringConfig:
     pr_k: int = 3                 # precision/recall: k-th nearest neighbour radius
     per_city: bool = True         # per-city KID and within-city diversity
     min_city_holdout: int = 25    # ... for cities with at least this many held-out photos
+    near_duplicate_percentile: float = 99.0   # same-city pairs above this percentile of the city's real pairs' similarity
     floor: bool = True            # the real-vs-real floor (reads min(n, #train) training photos)
     novelty_spaces: tuple[str, ...] = SPACES   # nearest training photo in each space; () = no novelty
     percentile: float = 99.0      # memorisation threshold: percentile of held-out photos' nearest-train similarity
@@ -78,10 +83,14 @@ class ScoringConfig:
     device: str = "cpu"           # "cpu" or "cuda[:N]" for the generator and the feature networks
 
 
+TRAIN_REFERENCE = 2000   # training photos the training curve is measured against (a fixed draw)
+
+
 def training_config(n: int = 300, seed: int = 0, device: str = "cpu") -> ScoringConfig:
-    """The training curve's estimate: KID alone (no FID, precision/recall, cities, floor, novelty)."""
-    return ScoringConfig(n=n, seed=seed, device=device, fid=False, precision_recall=False, per_city=False,
-                         floor=False, novelty_spaces=())
+    """The training curve's estimate: KID alone (no FID, precision/recall, cities, floor, novelty),
+    against training photos."""
+    return ScoringConfig(n=n, seed=seed, device=device, against="train", fid=False, precision_recall=False,
+                         per_city=False, floor=False, novelty_spaces=())
 
 
 # --- which cities, which seeds ------------------------------------------------------------------
@@ -181,22 +190,36 @@ def served_real_features(ws: Workspace, photo_ids: np.ndarray, size: tuple[int, 
 # --- the real side ------------------------------------------------------------------------------
 @dataclass
 class RealSide:
-    """The held-out photos (and the floor's training photos) in the Inception space, at the scored size."""
+    """The held-out photos (and the floor's training photos) in the Inception space, at the scored size;
+    against="train": the training photos' fixed draw in their place."""
     label_names: list[str]         # the workspace's labels
-    holdout: np.ndarray            # float32 features of every selected held-out photo
+    holdout: np.ndarray            # float32 features of every selected held-out photo (or the training draw)
     holdout_labels: np.ndarray     # their labels (-1: none)
     n_train: int                   # selected training photos
     floor: np.ndarray | None       # features of min(n, n_train) training photos (config.seed's draw), or None
 
 
 def real_side(ws: Workspace, res: tuple[int, int], cfg: ScoringConfig, progress: bool = True) -> RealSide:
+    if cfg.against not in ("holdout", "train"):
+        raise NeighbourhoodsError(f"unknown real side {cfg.against!r}: use holdout or train")
+    space = load_space("inception", device=cfg.device, batch_size=cfg.batch_size)
+    train = load_split(ws, res, "train")
+    if cfg.against == "train":   # a fixed draw of training photos (not the seed's: the curve's yardstick stays put)
+        if len(train) < 2:
+            raise NeighbourhoodsError(f"only {len(train)} training photos at {res_name(res)}")
+        rows = np.sort(np.random.default_rng(0).choice(len(train), min(TRAIN_REFERENCE, len(train)), replace=False))
+        if cfg.size is None:
+            feats = photo_features(ws, res, train.images, train.rows[rows], train.photo_ids[rows], space,
+                                   progress=progress)
+        else:
+            feats = served_real_features(ws, train.photo_ids[rows], tuple(cfg.size), space, progress)
+        return RealSide(label_names=load_label_names(ws), holdout=feats, holdout_labels=train.labels[rows],
+                        n_train=len(train), floor=None)
     holdout = load_split(ws, res, "holdout")
     if len(holdout) < 2:
         raise NeighbourhoodsError(
             f"only {len(holdout)} held-out photos at {res_name(res)}: scoring needs photos the run never "
             "trained on; re-run ingest with --holdout > 0 (cities need at least --holdout-min photos)")
-    space = load_space("inception", device=cfg.device, batch_size=cfg.batch_size)
-    train = load_split(ws, res, "train")
     floor_rows = np.random.default_rng(cfg.seed).choice(len(train), min(cfg.n, len(train)), replace=False)
     floor = None
     if cfg.size is None:
@@ -293,9 +316,13 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
             continue
         cities.append({"city": name, "holdout": int(rows.sum()), "generated": int(len(city_gen)),
                        "kid": _kid(real.holdout[rows], city_gen, cfg),
-                       "diversity": metrics.diversity_ratio(real.holdout[rows], city_gen)})
-    # Within-city variety (1.0 = as varied as the city's real photos), over the cities above.
+                       "diversity": metrics.diversity_ratio(real.holdout[rows], city_gen),
+                       "near_duplicates": metrics.near_duplicate_share(real.holdout[rows], city_gen,
+                                                                       cfg.near_duplicate_percentile)})
+    # Within-city variety (1.0 = as varied as the city's real photos) and the share of same-city
+    # sample pairs that are one house ((100 - percentile) % for the real photos), over those cities.
     quality["within_city_diversity"] = float(np.mean([c["diversity"] for c in cities])) if cities else None
+    quality["near_duplicates"] = float(np.mean([c["near_duplicates"] for c in cities])) if cities else None
     timings["quality_s"] = time.monotonic() - t
 
     # Novelty: of the samples themselves (it is about the generator, whatever the size served).
@@ -343,15 +370,17 @@ def scored_at(cfg: ScoringConfig, res: tuple[int, int], upscaler: str | None = N
 
 
 def score_run(workspace: Workspace | str, run: str | Path, config: ScoringConfig | None = None,
-              progress: bool = True, write: bool = True) -> dict:
-    """Score a run's latest generator (`score`); with `write`, into its eval folder (module doc).
-    Returns the figures with the run's name, folder, images seen and (written) the file's path."""
+              progress: bool = True, write: bool = True, snapshot: str = "best") -> dict:
+    """Score a run's generator (`score`): its best snapshot where it keeps one, else (or with
+    `snapshot` "last") its latest; with `write`, into its eval folder (module doc). Returns the
+    figures with the run's name, folder, snapshot, images seen and (written) the file's path."""
     cfg = config or ScoringConfig()
     ws = workspace if isinstance(workspace, Workspace) else open_workspace(workspace)
     run_dir = runs.resolve_run(ws, str(run))
-    gen = runs.load_generator(run_dir, device=cfg.device)
+    gen = runs.load_generator(run_dir, device=cfg.device, snapshot=snapshot)
     scores = score(ws, tuple(gen.res), gen.model, gen.class_names, gen.city_map, cfg, progress=progress)
-    result = {"run": run_dir.name, "run_dir": str(run_dir), "images_seen": int(gen.images_seen), **scores.figures}
+    result = {"run": run_dir.name, "run_dir": str(run_dir), "snapshot": gen.snapshot,
+              "images_seen": int(gen.images_seen), **scores.figures}
     if write:
         out_dir = eval_dir(run_dir, gen.images_seen)
         if scores.nearest:
@@ -374,11 +403,12 @@ def _training_real_side(ws_root: str, res: tuple[int, int], n: int, seed: int, d
 def training_score(ws: Workspace | str, res: tuple[int, int], G_ema: torch.nn.Module, class_names: list[str],
                    city_map: CityMap | None = None, n: int = 300, seed: int = 0) -> dict | None:
     """The training curve's estimate: `score` of G_ema with training_config(n, seed) (KID alone,
-    n samples, no novelty), or None where the workspace has no held-out photos of its cities.
+    n samples, against a fixed draw of training photos, no novelty), or None where the draw has
+    no photo of the run's classes.
 
     Returns the figures; ["quality"]["kid"] holds "mean" and "std". The same fixed seeds every
-    call, so the curve moves only with the weights; `neighbourhoods evaluate --n n --seed seed`
-    of a checkpoint's G_ema gives the same KID.
+    call, so the curve moves only with the weights; `neighbourhoods evaluate --against train
+    --n n --seed seed` of a snapshot's G_ema gives the same KID.
     """
     ws = ws if isinstance(ws, Workspace) else open_workspace(ws)
     device = str(next(G_ema.parameters()).device)
@@ -412,10 +442,12 @@ def write_novelty_figure(path: Path, scores: Scores, class_names: list[str], pai
             np.savez(f, **arrays)
 
 
-def evaluations(run_dir: Path) -> list[dict]:
-    """What score_run wrote for the most advanced checkpoint scored: the samples' metrics.json
-    first (if any), then each served size's metrics-WxH.json."""
+def evaluations(run_dir: Path, images_seen: int | None = None) -> list[dict]:
+    """What score_run wrote for the snapshot at `images_seen` (None: the most advanced one
+    scored): the samples' metrics.json first (if any), then each served size's metrics-WxH.json."""
     folders = sorted(p for p in (Path(run_dir) / "eval").glob("*") if any(p.glob("metrics*.json")))
+    if images_seen is not None:
+        folders = [p for p in folders if p.name == f"{int(images_seen):010d}"]
     if not folders:
         return []
     files = sorted(folders[-1].glob("metrics*.json"), key=lambda p: (p.name != "metrics.json", p.name))

@@ -32,9 +32,10 @@ EvaluateConfig = ScoringConfig   # evaluate's options are the protocol's
 
 
 def evaluate(workspace: Workspace | str, run: str | Path, config: ScoringConfig | None = None,
-             progress: bool = True) -> dict:
-    """Score the run's latest generator (scoring.score_run); writes and returns the metrics."""
-    return score_run(workspace, run, config or ScoringConfig(), progress=progress)
+             progress: bool = True, snapshot: str = "best") -> dict:
+    """Score the run's best (or `snapshot` "last": latest) generator (scoring.score_run); writes
+    and returns the metrics."""
+    return score_run(workspace, run, config or ScoringConfig(), progress=progress, snapshot=snapshot)
 
 
 def _kid(k: dict) -> str:
@@ -49,8 +50,11 @@ def _quality_line(q: dict) -> str:
 
 def describe(result: dict) -> str:
     q, n = result["quality"], result.get("novelty")
-    lines = [f"run {result['run']} at {result['images_seen'] / 1000:.1f} kimg, {res_name(tuple(result['res']))}: "
-             f"{result['n_generated']} samples vs {result['n_holdout']} held-out photos, scored as "
+    against = "training photos (a fixed draw)" if result.get("config", {}).get("against") == "train" else "held-out photos"
+    snapshot = f" ({result['snapshot']} snapshot)" if result.get("snapshot") else ""
+    lines = [f"run {result['run']} at {result['images_seen'] / 1000:.1f} kimg{snapshot}, "
+             f"{res_name(tuple(result['res']))}: {result['n_generated']} samples vs {result['n_holdout']} {against}, "
+             "scored as "
              f"{result.get('scored_at', 'samples')}",
              "  " + _quality_line(q)]
     floor = result.get("real_vs_real_floor")
@@ -59,8 +63,12 @@ def describe(result: dict) -> str:
     if q.get("within_city_diversity") is not None:
         lines.append(f"  within-city diversity {q['within_city_diversity']:.2f} (1.0 = as varied as the city's "
                      f"real photos; mean over {len(result['per_city'])} cities)")
+    if q.get("near_duplicates") is not None:
+        lines.append(f"  within-city near-duplicates {q['near_duplicates'] * 100:.1f}% of same-city sample pairs "
+                     "(the real photos' own: 1%)")
     for city in result["per_city"]:
         diversity = f", diversity {city['diversity']:.2f}" if "diversity" in city else ""
+        diversity += f", near-duplicates {city['near_duplicates'] * 100:.1f}%" if "near_duplicates" in city else ""
         lines.append(f"  {city['city']}: KID {_kid(city['kid'])} "
                      f"({city['generated']} samples, {city['holdout']} held out{diversity})")
     for name, s in (n or {}).items():

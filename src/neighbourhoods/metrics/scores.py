@@ -162,3 +162,23 @@ def diversity_ratio(real: np.ndarray, gen: np.ndarray) -> float:
     draws one house whatever the seed scores near 0."""
     real, gen = _check_pair(real, gen)
     return mean_pairwise_distance(gen) / max(mean_pairwise_distance(real), 1e-12)
+
+
+def _pair_cosines(x: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every distinct pair of rows of `x` (the upper triangle, flattened)."""
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return (x @ x.T)[np.triu_indices(len(x), k=1)]
+
+
+def near_duplicate_threshold(real: np.ndarray, percentile: float = 99.0) -> float:
+    """The cosine similarity above which two images of one city count as one house: the
+    `percentile` of the similarities of the city's own real photos taken in pairs."""
+    return float(np.percentile(_pair_cosines(_as_features(real, "real")), percentile))
+
+
+def near_duplicate_share(real: np.ndarray, gen: np.ndarray, percentile: float = 99.0) -> float:
+    """The share of pairs of `gen` (samples of one city) more alike than the city's real photos'
+    `percentile` of pair similarity: (100 - percentile) % for samples as varied as the photos;
+    a generator that draws one house whatever the seed scores near 1."""
+    real, gen = _check_pair(real, gen)
+    return float((_pair_cosines(gen) > near_duplicate_threshold(real, percentile)).mean())

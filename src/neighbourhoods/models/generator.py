@@ -59,22 +59,28 @@ class NoiseInjection(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """2x nearest upsample, then `convs` x (conv3x3 -> noise -> cond. BN -> GLU)."""
+    """2x nearest upsample, then `convs` x (conv3x3 -> noise -> cond. BN -> GLU); `noise` False
+    leaves the per-pixel noise out."""
 
-    def __init__(self, c_in: int, c_out: int, embed_dim: int, convs: int, size: tuple[int, int]):
+    def __init__(self, c_in: int, c_out: int, embed_dim: int, convs: int, size: tuple[int, int],
+                 noise: bool = True):
         super().__init__()
         self.convs = nn.ModuleList()
         self.noises = nn.ModuleList()
         self.norms = nn.ModuleList()
         for i in range(convs):
             self.convs.append(nn.Conv2d(c_in if i == 0 else c_out, 2 * c_out, 3, padding=1, bias=False))
-            self.noises.append(NoiseInjection(size))
+            if noise:
+                self.noises.append(NoiseInjection(size))
             self.norms.append(ConditionalBatchNorm(2 * c_out, embed_dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        for conv, noise, norm in zip(self.convs, self.noises, self.norms):
-            x = F.glu(norm(noise(conv(x)), e), dim=1)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = conv(x)
+            if self.noises:
+                x = self.noises[i](x)
+            x = F.glu(norm(x, e), dim=1)
         return x
 
 
@@ -180,7 +186,8 @@ class Generator(nn.Module):
     def __init__(self, num_classes: int, res: tuple[int, int], z_dim: int = 128, embed_dim: int = 128,
                  max_channels: int = 256, min_channels: int = 16, cond_from: int = 0,
                  channels: list[int] | None = None, convs: list[int] | None = None, grown: bool = False,
-                 grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1):
+                 grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1,
+                 noise: bool = True):
         super().__init__()
         self.z_dim = z_dim
         # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
@@ -211,7 +218,7 @@ class Generator(nn.Module):
         self.fc_norm_channels = 2 * ch[0]
         self.blocks = nn.ModuleList(
             UpBlock(ch[i], ch[i + 1], embed_dim, convs=convs[i],
-                    size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)))
+                    size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)), noise=noise)
             for i in range(levels))
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
         self.sle = nn.ModuleDict({str(i + 2): SkipLayerExcitation(ch[i], ch[i + 2], (self.base[0] * 2 ** i,

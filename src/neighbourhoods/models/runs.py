@@ -9,6 +9,10 @@ A run folder (WS/runs/<name>/), written by `train`, read by every later stage:
                                     class_counts, merged_cities, train_photos, grid
     checkpoints/<images_seen:010d>/ G.safetensors, G_ema.safetensors, D.safetensors, state.pt
     checkpoints/latest.json         {"dir": ..., "images_seen": N}, written atomically, last
+    checkpoints/best-<images_seen:010d>.safetensors   G_ema where the training curve's KID was lowest
+    checkpoints/best.json           {"file": ..., "images_seen": N, "kid": ..., "kid_std": ...}, written
+                                    atomically after its weights; what every loader uses unless told
+                                    snapshot="last" (train --kid-every)
     samples/progress-<images_seen:010d>.png   fixed-seed grid, one row per city
     metrics.jsonl                   images_seen, time_s, loss_g, loss_d, images_per_s, (kid)
     tensorboard/                    TensorBoard event files
@@ -148,6 +152,8 @@ class LoadedGenerator:
     z_dim: int
     images_seen: int              # training progress of the loaded checkpoint
     config: dict = field(repr=False)   # the run's config.json
+    snapshot: str = "last"        # "best" (the training curve's best G_ema), "last" (the latest checkpoint)
+                                  # or the images_seen of the kept checkpoint it was asked for
 
     @property
     def city_map(self) -> CityMap:
@@ -159,16 +165,33 @@ class LoadedGenerator:
         return self.city_map.resolve(city).class_index
 
 
-def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
-    """The run's latest EMA generator, from safetensors only (never unpickles anything)."""
+def load_generator(run_dir: Path, device: str = "cpu", snapshot: str = "best") -> LoadedGenerator:
+    """The run's EMA generator, from safetensors only (never unpickles anything): its best
+    snapshot by the training curve's KID (`snapshot` "best", where the run has one), else or with
+    "last" its latest checkpoint's."""
     from neighbourhoods import models
 
+    snapshot = str(snapshot)
+    if snapshot not in SNAPSHOTS and not snapshot.isdigit():
+        raise NeighbourhoodsError(f"unknown snapshot {snapshot!r}: use best, last or the images_seen of a kept "
+                                  "checkpoint")
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     args = read_model_args(config, run_dir / "config.json")
-    folder, images_seen = latest_checkpoint(run_dir)
+    best = best_snapshot(run_dir) if snapshot == "best" else None
+    if best is not None:
+        path, images_seen = best["path"], int(best["images_seen"])
+    elif snapshot.isdigit():   # a kept checkpoint, by its images_seen (the curve of bench/curve.py)
+        images_seen = int(snapshot)
+        path = Path(run_dir) / "checkpoints" / f"{images_seen:010d}" / "G_ema.safetensors"
+        if not path.is_file():
+            kept = sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").glob("*") if p.name.isdigit())
+            raise NeighbourhoodsError(f"run {run_dir.name!r} keeps no checkpoint at {images_seen:,} images "
+                                      f"(kept: {', '.join(f'{k:,}' for k in kept) or 'none'})")
+    else:
+        folder, images_seen = latest_checkpoint(run_dir)
+        path = folder / "G_ema.safetensors"
     model = models.build_generator(args["name"], len(args["class_names"]), tuple(args["res"]), **args["kwargs"])
-    path = folder / "G_ema.safetensors"
     load_state_into(model, load_weights(path), path)
     model.to(device).eval().requires_grad_(False)
     start, full = config.get("cond_start_kimg") or 0.0, config.get("cond_full_kimg") or 0.0
@@ -177,7 +200,8 @@ def load_generator(run_dir: Path, device: str = "cpu") -> LoadedGenerator:
                                   "(--cond-full-kimg, removed: it lost in its measurement); it can still be "
                                   "sampled at commit 06f09c2")
     return LoadedGenerator(model=model, class_names=list(args["class_names"]), res=tuple(args["res"]),
-                           z_dim=int(model.z_dim), images_seen=images_seen, config=config)
+                           z_dim=int(model.z_dim), images_seen=images_seen, config=config,
+                           snapshot="best" if best is not None else snapshot if snapshot.isdigit() else "last")
 
 
 def sample(gen: LoadedGenerator, class_indices: list[int], seeds: list[int], batch_size: int = 64) -> np.ndarray:
@@ -228,13 +252,64 @@ def save_checkpoint(run_dir: Path, images_seen: int, nets: dict[str, nn.Module],
     return final
 
 
+SNAPSHOTS = ("best", "last")
+BEST_FILE = "best.json"
+
+
+def save_best(run_dir: Path, images_seen: int, G_ema: nn.Module, info: dict) -> Path:
+    """Keep G_ema as the run's best snapshot: its weights under their own name first, then
+    best.json naming them (atomically), then the previous best's weights go. A kill at any
+    moment leaves best.json naming a complete file."""
+    ckpts = Path(run_dir) / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"best-{images_seen:010d}.safetensors"
+    tmp = ckpts / f".tmp-{name}-{os.getpid()}"
+    try:
+        safetensors.torch.save_file(_tensors(G_ema), str(tmp))
+        fsync_path(tmp)
+        os.replace(tmp, ckpts / name)
+        fsync_path(ckpts)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full_error(ckpts, "the best snapshot") from None
+        raise
+    atomic_write_json(ckpts / BEST_FILE, {"file": name, "images_seen": int(images_seen), **info})
+    for old in ckpts.glob("best-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return ckpts / name
+
+
+def best_snapshot(run_dir: Path) -> dict | None:
+    """best.json of the run with "path" added, or None where the run keeps no best (trained
+    without --kid-every, or before best snapshots existed); NeighbourhoodsError if it is torn."""
+    ckpts = Path(run_dir) / "checkpoints"
+    path = ckpts / BEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        weights = ckpts / str(info["file"])
+        int(info["images_seen"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise NeighbourhoodsError(f"{path} is corrupt ({e}); delete it to use the latest checkpoint") from None
+    if not weights.is_file():
+        raise NeighbourhoodsError(f"{path} names {weights.name}, which is missing; delete {path.name} to use the "
+                                  "latest checkpoint")
+    return {**info, "path": weights}
+
+
 def _prune(ckpts: Path, keep: int, current: str) -> None:
     done = sorted(p for p in ckpts.iterdir() if p.is_dir() and p.name.isdigit())
     for old in done[:-keep]:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
     for stale in ckpts.glob(".tmp-*"):   # left by a run killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:

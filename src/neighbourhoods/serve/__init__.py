@@ -28,7 +28,7 @@ from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
 
 
 def build(workspace, run: str, config: ServeConfig | None = None, upscale: str | None = None,
-          novelty: bool = True, guard_device: str = "cpu") -> Thumbnails:
+          novelty: bool = True, guard_device: str = "cpu", snapshot: str = "best") -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
     config = config or ServeConfig()
     if config.generator_workers is None:
@@ -39,7 +39,7 @@ def build(workspace, run: str, config: ServeConfig | None = None, upscale: str |
     if not is_replica(run):          # a replica runs onnxruntime, and must not even import torch
         import torch
         torch.set_num_threads(max(1, config.torch_threads))
-    source, guard, upscaler = load_pipeline(workspace, run, upscale, novelty, guard_device)
+    source, guard, upscaler = load_pipeline(workspace, run, upscale, novelty, guard_device, snapshot=snapshot)
     return Thumbnails(source, upscaler, guard, config)
 
 
@@ -50,15 +50,18 @@ def serve_command(workspace, run: str) -> str:
 
 
 def serve(workspace, run: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          upscale: str | None = None, novelty: bool = True, log_level: str = "info", guard_device: str = "cpu") -> None:
+          upscale: str | None = None, novelty: bool = True, log_level: str = "info", guard_device: str = "cpu",
+          snapshot: str = "best") -> None:
     """Run the HTTP server until interrupted."""
     import uvicorn
 
-    thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty, guard_device=guard_device)
+    thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty, guard_device=guard_device,
+                   snapshot=snapshot)
     app = create_app(thumbs)
     guard = thumbs.guard.label if thumbs.guard is not None else "novelty guard off"
     guard += "; signed URLs only" if thumbs.config.url_key is not None else ""
-    print(f"serving {len(thumbs.source.class_names)} cities from {thumbs.source.label} "
+    snap = f" ({thumbs.source.snapshot} snapshot, {thumbs.source.images_seen:,} images)" if thumbs.source.snapshot else ""
+    print(f"serving {len(thumbs.source.class_names)} cities from {thumbs.source.label}{snap} "
           f"(upscale {thumbs.upscaler.name}; {guard}) on http://{host}:{port}/ "
           f"(gallery), /thumbnail, /cities, /healthz", flush=True)
     # idle keep-alive connections close after keep_alive_s; beyond max_connections open ones, new

@@ -81,7 +81,7 @@ def create_app(thumbs: Thumbnails):
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        return {"status": "ok", "model": source.label, "images_seen": source.images_seen,
+        return {"status": "ok", "model": source.label, "snapshot": source.snapshot, "images_seen": source.images_seen,
                 "generator_res": list(source.res), "cities": len(source.class_names),
                 "upscale": thumbs.upscaler.name, "novelty_guard": thumbs.guard is not None,
                 "signed_urls": cfg.url_key is not None, **memory(), **thumbs.stats()}

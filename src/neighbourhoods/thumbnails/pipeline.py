@@ -16,8 +16,8 @@ def is_replica(run) -> bool:
 
 
 def load_pipeline(workspace, run, upscale: str | None = None, novelty: bool = True, guard_device: str = "cpu",
-                  progress: bool = True) -> tuple[Source, Guard | None, object]:
-    """(source, guard or None, upscaler)."""
+                  progress: bool = True, snapshot: str = "best") -> tuple[Source, Guard | None, object]:
+    """(source, guard or None, upscaler); a run's `snapshot` weights (runs.load_generator)."""
     if is_replica(run):
         from neighbourhoods.thumbnails.replica import load_replica_guard, load_replica_source, load_replica_upscaler
 
@@ -25,6 +25,6 @@ def load_pipeline(workspace, run, upscale: str | None = None, novelty: bool = Tr
         return source, load_replica_guard(run) if novelty else None, load_replica_upscaler(run, upscale)
     if workspace is None:
         raise NeighbourhoodsError("give --workspace: a run needs its workspace (only an .onnx replica runs without one)")
-    source = load_source(workspace, run)
+    source = load_source(workspace, run, snapshot=snapshot)
     guard = load_guard(workspace, source, device=guard_device, progress=progress) if novelty else None
     return source, guard, get_upscaler(upscale, workspace=workspace, res=source.res)

@@ -74,7 +74,7 @@ def load_replica_source(path, threads: int = 1) -> Source:
 
     return Source(class_names=list(meta["class_names"]), res=(h, w), sample=sample,
                   fingerprint="onnx-" + str(meta["fingerprint"]), label=str(path),
-                  images_seen=int(meta["images_seen"]),
+                  images_seen=int(meta["images_seen"]), snapshot=str(meta.get("snapshot", "")),
                   city_map=CityMap.from_json(meta["class_names"], meta.get("city_map")))
 
 

@@ -23,6 +23,7 @@ class Source:
     label: str = ""                                          # where it came from, for /healthz and manifests
     images_seen: int = 0
     city_map: CityMap | None = None                          # every city of the data -> its class (None: classes only)
+    snapshot: str = ""                                       # a run's: "best" or "last" (an export: "")
 
     def __post_init__(self):
         if self.city_map is None:
@@ -52,8 +53,9 @@ def weights_fingerprint(module) -> str:
 SAMPLE_BATCH = 1
 
 
-def load_source(workspace, run: str, device: str = "cpu") -> Source:
-    """A run (name under WS/runs or a path) via runs.load_generator, or an exported .pt2 file.
+def load_source(workspace, run: str, device: str = "cpu", snapshot: str = "best") -> Source:
+    """A run (name under WS/runs or a path) via runs.load_generator (its `snapshot`: best or last),
+    or an exported .pt2 file.
     (An ONNX replica is replica.load_replica_source; pipeline.load_pipeline picks.)"""
     path = Path(run)
     # torch and the models code: imported only here, so a replica (which never calls this) never loads them
@@ -71,11 +73,11 @@ def load_source(workspace, run: str, device: str = "cpu") -> Source:
 
     ws = open_workspace(workspace)
     run_dir = runs.resolve_run(ws, run)
-    gen = runs.load_generator(run_dir, device=device)
+    gen = runs.load_generator(run_dir, device=device, snapshot=snapshot)
 
     def sample(class_indices: list[int], seeds: list[int]) -> np.ndarray:
         return runs.sample(gen, list(class_indices), list(seeds), batch_size=SAMPLE_BATCH)
 
     return Source(class_names=list(gen.class_names), res=tuple(gen.res), sample=sample,
                   fingerprint=weights_fingerprint(gen.model), label=str(run_dir),
-                  images_seen=int(gen.images_seen), city_map=gen.city_map)
+                  images_seen=int(gen.images_seen), city_map=gen.city_map, snapshot=gen.snapshot)

@@ -37,6 +37,7 @@ from neighbourhoods.models.runs import (
     model_args,
     read_config,
     read_model_args,
+    save_best,
     save_checkpoint,
 )
 from neighbourhoods.train import grow
@@ -210,9 +211,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 say(cfg, dd.main, f"non-finite loss (loss_d={ld}, loss_g={lg}) at {state.images_seen:,} images: "
                                   f"rolled back to the checkpoint at {n:,} images "
                                   f"(rollback {state.rollbacks} of at most {MAX_ROLLBACKS})")
-                rollbacks = state.rollbacks
+                kept = state.rollbacks, state.best_kid, state.best_at   # the best on disk stays the best
                 restore(nets, state, folder, cfg, dd)
-                state.rollbacks = rollbacks
+                state.rollbacks, state.best_kid, state.best_at = kept
+                rollbacks = state.rollbacks
                 seed_everything(cfg.seed + 1_000_003 * dd.rank + 7919 * rollbacks + state.images_seen)
                 tick = Tick(images=state.images_seen)
                 continue
@@ -233,15 +235,9 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             done = after >= limit or stop > 0
             if crossed(cfg.tick_every, before, after, done):
                 line = tick.line(after, state.time_s)
-                if cfg.kid_every > 0 and crossed(cfg.kid_every, before, after, done) and dd.main:
-                    from neighbourhoods.scoring import training_score  # Inception: only when asked
-                    calibrate(run, nets, state)   # G_ema as it will be saved and sampled: its own BN statistics
-                    score = training_score(ws, cfg.res, nets.G_ema, data.class_names,
-                                           city_map=CityMap.build(data.class_names, data.split.label_names),
-                                           n=KID_IMAGES)
-                    if score is not None:
-                        line["kid"] = score["quality"]["kid"]["mean"]
-                        line["kid_std"] = score["quality"]["kid"]["std"]
+                # (a run shorter than one interval has no curve, and keeps no best snapshot)
+                if crossed(cfg.kid_every, before, after, done) and after >= cfg.kid_every and dd.main:
+                    line.update(estimate_and_keep_best(ws, run, nets, state))
                 if dd.main:
                     write_metrics(run_dir, run.writer, line)
                 tick = Tick(images=after)
@@ -381,6 +377,26 @@ def save_snapshot(run: Run, nets: Nets, state: TrainState) -> None:
     if run.dd.main:
         save_checkpoint(run.run_dir, state.images_seen, nets.saved(), saved, run.cfg.keep_checkpoints)
     run.dd.barrier()
+
+
+def estimate_and_keep_best(ws: Workspace, run: Run, nets: Nets, state: TrainState) -> dict:
+    """The training curve's KID of G_ema (scoring.training_score: KID_IMAGES samples against a
+    fixed draw of training photos); where it is the lowest so far, G_ema becomes the run's best
+    snapshot (runs.save_best). Returns what metrics.jsonl logs of it."""
+    from neighbourhoods.scoring import training_score  # Inception: only when asked
+
+    calibrate(run, nets, state)   # G_ema as it will be saved and sampled: its own BN statistics
+    data = run.data
+    score = training_score(ws, run.cfg.res, nets.G_ema, data.class_names,
+                           city_map=CityMap.build(data.class_names, data.split.label_names), n=KID_IMAGES)
+    if score is None:
+        return {}
+    kid = score["quality"]["kid"]
+    if kid["mean"] < state.best_kid:
+        state.best_kid, state.best_at = float(kid["mean"]), state.images_seen
+        save_best(run.run_dir, state.images_seen, nets.G_ema,
+                  {"kid_train": kid["mean"], "kid_train_std": kid["std"], "kid_images": KID_IMAGES})
+    return {"kid_train": kid["mean"], "kid_train_std": kid["std"], "best_at": state.best_at}
 
 
 def save_progress_grid(run: Run, nets: Nets, state: TrainState) -> None:

@@ -8,6 +8,7 @@ is the three networks' weights (safetensors, models/runs.py writes them) plus `s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class TrainState:
     time_s: float = 0.0         # seconds spent in training steps (not snapshots), over all calls
     rollbacks: int = 0          # non-finite losses rolled back so far
     bn_calibrated_at: int = -1  # images_seen at which G_ema's BatchNorm statistics were last re-estimated
+    best_kid: float = math.inf  # the training curve's lowest KID so far (train --kid-every) ...
+    best_at: int = -1           # ... and the images_seen of that snapshot (checkpoints/best.json)
 
 
 @dataclass
@@ -78,6 +81,7 @@ def state_dict(nets: Nets, state: TrainState, cfg, photos: int, dd: Dist) -> dic
     else:
         per_rank = [rng]
     return {"format": 1, "images_seen": state.images_seen, "time_s": state.time_s, "rollbacks": state.rollbacks,
+            "best": {"kid": state.best_kid, "images_seen": state.best_at},
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
             "ema": {"ema_kimg": cfg.ema_kimg, "ema_rampup": EMA_RAMPUP},
@@ -98,6 +102,8 @@ def restore(nets: Nets, state: TrainState, folder: Path, cfg, dd: Dist) -> dict:
         nets.scaler_d.load_state_dict(saved["scaler_d"])
         state.images_seen, state.time_s = int(saved["images_seen"]), float(saved["time_s"])
         state.rollbacks = int(saved["rollbacks"])
+        best = saved.get("best", {"kid": math.inf, "images_seen": -1})   # checkpoints written before best snapshots
+        state.best_kid, state.best_at = float(best["kid"]), int(best["images_seen"])
         rngs = saved["rng"]
     except (KeyError, ValueError, RuntimeError) as e:
         raise NeighbourhoodsError(f"{folder / 'state.pt'} does not fit this run ({e})") from None
