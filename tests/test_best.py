@@ -79,6 +79,10 @@ def test_loaders_use_the_best_unless_told_last(best_run):
     assert (last.images_seen, last.snapshot) == (32, "last")
     with pytest.raises(NeighbourhoodsError, match="unknown snapshot"):
         runs.load_generator(best_run, snapshot="newest")
+    kept = runs.load_generator(best_run, snapshot="16")    # a kept checkpoint by its images (bench/curve.py)
+    assert (kept.images_seen, kept.snapshot) == (16, "16")
+    with pytest.raises(NeighbourhoodsError, match="keeps no checkpoint at 24 images"):
+        runs.load_generator(best_run, snapshot="24")
 
 
 def test_every_verb_uses_the_best_snapshot(toy_ws, best_run, tmp_path, capsys):

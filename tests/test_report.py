@@ -99,6 +99,25 @@ def test_training_kid_curve_is_drawn_when_logged(tmp_path):
     assert html.count("<svg") == 2
 
 
+def test_the_served_quality_curve_and_the_best_snapshot_are_drawn(tmp_path):
+    lines = [{"images_seen": i * 1000, "loss_g": 1.0, "loss_d": 1.0, "kid_train": 0.1 / (i + 1) + (i == 3) * 0.1,
+              "kid_train_std": 0.01} for i in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best-0000004000.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoints" / "best.json").write_text(json.dumps({"file": "best-0000004000.safetensors",
+                                                                   "images_seen": 4000}))
+    for images, kid in ((2000, 0.05), (4000, 0.03)):   # what bench/curve.py has evaluate write per kept checkpoint
+        folder = tmp_path / "eval" / f"{images:010d}"
+        folder.mkdir(parents=True)
+        (folder / "metrics-256x192.json").write_text(json.dumps(
+            {"quality": {"kid": {"mean": kid, "std": 0.001}, "precision": 0.5, "recall": 0.1}}))
+    html = report.curves_section(tmp_path)
+    assert "a fixed draw of training photos" in html and "best snapshot (used by" in html and "4,000 images" in html
+    assert "thumbnails served at 256x192 over training" in html
+    assert html.count("<svg") == 4   # losses, the training curve, served KID, served precision and recall
+
+
 def test_city_names_are_escaped(tmp_path):
     html = report.table(["city"], [[report.esc('<script>alert("x")</script>')]])
     assert "<script>" not in html
