@@ -21,6 +21,18 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny nets gain nothing from a second thread, and on a shared machine its spin-waits cost 20x.
+    A module that trains them uses it: pytestmark = pytest.mark.usefixtures("one_torch_thread")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (real listing photos), or skip with a clear message where it is absent."""

@@ -23,12 +23,7 @@ from neighbourhoods.train import loop as train_loop
 TINY = {"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
