@@ -199,6 +199,15 @@ class RealSide:
     floor: np.ndarray | None       # features of min(n, n_train) training photos (config.seed's draw), or None
 
 
+def _train_features(ws: Workspace, res: tuple[int, int], train, rows: np.ndarray, cfg: ScoringConfig,
+                    space: FeatureSpace, progress: bool) -> np.ndarray:
+    """Features of the training photos `rows` at the scored size (the prepared arrays, or the files
+    cropped to cfg.size)."""
+    if cfg.size is None:
+        return photo_features(ws, res, train.images, train.rows[rows], train.photo_ids[rows], space, progress=progress)
+    return served_real_features(ws, train.photo_ids[rows], tuple(cfg.size), space, progress)
+
+
 def real_side(ws: Workspace, res: tuple[int, int], cfg: ScoringConfig, progress: bool = True) -> RealSide:
     if cfg.against not in ("holdout", "train"):
         raise NeighbourhoodsError(f"unknown real side {cfg.against!r}: use holdout or train")
@@ -208,29 +217,20 @@ def real_side(ws: Workspace, res: tuple[int, int], cfg: ScoringConfig, progress:
         if len(train) < 2:
             raise NeighbourhoodsError(f"only {len(train)} training photos at {res_name(res)}")
         rows = np.sort(np.random.default_rng(0).choice(len(train), min(TRAIN_REFERENCE, len(train)), replace=False))
-        if cfg.size is None:
-            feats = photo_features(ws, res, train.images, train.rows[rows], train.photo_ids[rows], space,
-                                   progress=progress)
-        else:
-            feats = served_real_features(ws, train.photo_ids[rows], tuple(cfg.size), space, progress)
-        return RealSide(label_names=load_label_names(ws), holdout=feats, holdout_labels=train.labels[rows],
-                        n_train=len(train), floor=None)
+        return RealSide(label_names=load_label_names(ws), holdout=_train_features(ws, res, train, rows, cfg, space,
+                                                                                  progress),
+                        holdout_labels=train.labels[rows], n_train=len(train), floor=None)
     holdout = load_split(ws, res, "holdout")
     if len(holdout) < 2:
         raise NeighbourhoodsError(
             f"only {len(holdout)} held-out photos at {res_name(res)}: scoring needs photos the run never "
             "trained on; re-run ingest with --holdout > 0 (cities need at least --holdout-min photos)")
     floor_rows = np.random.default_rng(cfg.seed).choice(len(train), min(cfg.n, len(train)), replace=False)
-    floor = None
     if cfg.size is None:
         feats = split_features(ws, res, "holdout", space, progress=progress)[0]
-        if cfg.floor and len(floor_rows):
-            floor = photo_features(ws, res, train.images, train.rows[floor_rows], train.photo_ids[floor_rows], space,
-                                   progress=progress)
     else:
         feats = served_real_features(ws, holdout.photo_ids, tuple(cfg.size), space, progress)
-        if cfg.floor and len(floor_rows):
-            floor = served_real_features(ws, train.photo_ids[floor_rows], tuple(cfg.size), space, progress)
+    floor = _train_features(ws, res, train, floor_rows, cfg, space, progress) if cfg.floor and len(floor_rows) else None
     return RealSide(label_names=load_label_names(ws), holdout=feats, holdout_labels=holdout.labels, n_train=len(train),
                     floor=floor)
 

@@ -10,7 +10,8 @@ A run folder (WS/runs/<name>/), written by `train`, read by every later stage:
     checkpoints/<images_seen:010d>/ G.safetensors, G_ema.safetensors, D.safetensors, state.pt
     checkpoints/latest.json         {"dir": ..., "images_seen": N}, written atomically, last
     checkpoints/best-<images_seen:010d>.safetensors   G_ema where the training curve's KID was lowest
-    checkpoints/best.json           {"file": ..., "images_seen": N, "kid": ..., "kid_std": ...}, written
+    checkpoints/best.json           {"file": ..., "images_seen": N, "kid_train": ..., "kid_train_std": ...,
+                                    "kid_images": ...}, written
                                     atomically after its weights; what every loader uses unless told
                                     snapshot="last" (train --kid-every)
     samples/progress-<images_seen:010d>.png   fixed-seed grid, one row per city
@@ -40,7 +41,7 @@ from neighbourhoods.core.cities import ANY_CITY as ANY_CITY  # re-exported: trai
 from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError, disk_full_error, is_disk_full
 from neighbourhoods.core.latents import latents
-from neighbourhoods.core.workspace import Workspace, atomic_write_json, fsync_path
+from neighbourhoods.core.workspace import Workspace, atomic_path, atomic_write_json, fsync_path
 
 CHECKPOINT_FILES = ("G.safetensors", "G_ema.safetensors", "D.safetensors", "state.pt")
 
@@ -261,16 +262,11 @@ def save_best(run_dir: Path, images_seen: int, G_ema: nn.Module, info: dict) -> 
     best.json naming them (atomically), then the previous best's weights go. A kill at any
     moment leaves best.json naming a complete file."""
     ckpts = Path(run_dir) / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
     name = f"best-{images_seen:010d}.safetensors"
-    tmp = ckpts / f".tmp-{name}-{os.getpid()}"
     try:
-        safetensors.torch.save_file(_tensors(G_ema), str(tmp))
-        fsync_path(tmp)
-        os.replace(tmp, ckpts / name)
-        fsync_path(ckpts)
+        with atomic_path(ckpts / name) as tmp:
+            safetensors.torch.save_file(_tensors(G_ema), str(tmp))
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             raise disk_full_error(ckpts, "the best snapshot") from None
         raise
@@ -306,10 +302,7 @@ def _prune(ckpts: Path, keep: int, current: str) -> None:
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
     for stale in ckpts.glob(".tmp-*"):   # left by a run killed while writing
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
