@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_train import TINY as TINY_MODELS
-from test_train import one_thread  # noqa: F401  (autouse: tiny nets on one thread)
 from toy_run import make_toy_workspace
 
 from neighbourhoods import models
@@ -19,6 +18,8 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.models import runs
 from neighbourhoods.train import TrainConfig, train
 from neighbourhoods.train.config import GROW_FADE_KIMG
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny nets on one thread
 
 TINY = TINY_MODELS["projected"]
 

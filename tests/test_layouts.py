@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import one_thread  # noqa: F401 (autouse: tiny nets run on one thread)
 from toy_run import make_toy_workspace
 
 from neighbourhoods.core.errors import NeighbourhoodsError
@@ -20,6 +19,8 @@ from neighbourhoods.models.projected import build_generator
 from neighbourhoods.train import TrainConfig, train
 from neighbourhoods.train.layouts import fit_layouts
 from neighbourhoods.train.loss import layout_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny nets on one thread
 
 TINY = {"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8, "d_head_width": 8, "layout_dim": 6,
         "feature_min_side": 0}
