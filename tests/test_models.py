@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from neighbourhoods.models import discriminator, generator, projected
 from neighbourhoods.train.augment import diffaugment, parse_policy
@@ -81,6 +82,24 @@ def test_g_without_noise_injection_has_no_noise_and_runs_written_before_build_wi
     a = without(z, y)
     torch.manual_seed(2)
     assert torch.equal(a, without(z, y))   # no noise: training-mode samples need no RNG either
+
+
+def test_layout_lock_keeps_the_sample_on_its_layout_where_g_alone_strays():
+    """With `layout_lock`, G's residual has no layout of its own: however loud G's RGB head, the
+    sample averaged down to the layout's size stays near its layout; without it, it strays."""
+    def stray(lock: bool) -> float:
+        torch.manual_seed(0)
+        G = projected.build_generator(2, (48, 64), g_cond_from=1, layouts=4, layout_lock=lock).eval()
+        G.layouts.basis.normal_(0, 0.05)
+        G.layouts.chol.copy_(torch.eye(G.layouts.chol.shape[-1]).expand_as(G.layouts.chol))
+        G.to_rgb.weight.data.mul_(10)   # a G that paints over the layout as hard as it can
+        z, y = torch.randn(16, G.z_dim), torch.zeros(16, dtype=torch.long)
+        with torch.no_grad():
+            layouts, x = G.layouts.sample(z, y), G(z, y)
+        return (F.adaptive_avg_pool2d(x, layouts.shape[-2:]) - layouts).square().mean().item()
+
+    free, locked = stray(False), stray(True)
+    assert locked < 0.2 * free, (locked, free)
 
 
 def test_resolution_that_cannot_be_reached_by_upsampling_is_refused():

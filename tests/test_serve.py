@@ -8,7 +8,7 @@ import threading
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
+from openapi_check import SchemaMismatch, check_response, checked_client
 from PIL import Image
 
 from neighbourhoods.serve import ByteLRU, MicroBatcher, Overloaded, ServeConfig, build, create_app
@@ -22,7 +22,7 @@ def thumbs(served_run):
 
 @pytest.fixture(scope="module")
 def client(thumbs):
-    with TestClient(create_app(thumbs), raise_server_exceptions=True) as c:
+    with checked_client(create_app(thumbs), raise_server_exceptions=True) as c:
         yield c
 
 
@@ -145,7 +145,7 @@ def test_concurrent_requests_are_batched_into_few_generator_calls(thumbs, city):
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 for r in responses)
     assert thumbs.batcher.batches - before <= 4   # 16 requests, at most 8 per batch, plus stragglers
-    alone = TestClient(create_app(thumbs))
+    alone = checked_client(create_app(thumbs))
     thumbs.cache._items.clear()
     thumbs.samples._items.clear()
     assert alone.get("/thumbnail", params={"city": city, "seed": 1005}).content == responses[5].content
@@ -211,7 +211,7 @@ def test_batcher_runs_as_many_generator_calls_at_once_as_it_has_workers():
 def test_novelty_guard_is_on_by_default_and_serves(served_run):
     ws, run = served_run
     guarded = build(ws, run)
-    with TestClient(create_app(guarded)) as c:
+    with checked_client(create_app(guarded)) as c:
         assert c.get("/healthz").json()["novelty_guard"] is True
         city = guarded.source.class_names[0]
         assert c.get("/thumbnail", params={"city": city, "seed": 1}).status_code == 200
@@ -221,3 +221,62 @@ def test_gallery_page_is_html_with_a_strict_content_security_policy(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_the_schema_states_the_query_rules_the_parser_applies(client, thumbs):
+    import re
+
+    from neighbourhoods.core import urls
+    from neighbourhoods.core.errors import NeighbourhoodsError
+    from neighbourhoods.core.resolution import ThumbSize
+
+    doc = client.get("/openapi.json").json()
+    get, head = doc["paths"]["/thumbnail"]["get"], doc["paths"]["/thumbnail"]["head"]
+    assert get["operationId"] != head["operationId"]          # a generated client needs one name per call
+    params = {p["name"]: p["schema"] for p in get["parameters"]}
+    cfg = thumbs.config
+
+    def parses(fn, text):
+        try:
+            fn(text)
+            return True
+        except NeighbourhoodsError:
+            return False
+
+    seed, size = re.compile(params["seed"]["pattern"]), re.compile(params["size"]["pattern"])
+    for text in ["0", "7", "10", "1" + "0" * 18, str(cfg.max_seed), str(cfg.max_seed + 1), "9" * 19, "01", "-1",
+                 "+1", "1e3", " 1", "", "12a"]:
+        assert bool(seed.match(text)) == parses(lambda t: urls.parse_seed(t, cfg.max_seed), text), text
+    def side(text):
+        return ThumbSize.parse(urls.parse_size(text), cfg.max_side)
+
+    for text in ["256x192", "8x8", "7x8", f"{cfg.max_side}x{cfg.max_side}", f"{cfg.max_side + 1}x10", "0x0",
+                 "019x20", "100X100", "100x", "1000x999", "1019x1020", "1025x1024"]:
+        assert bool(size.match(text)) == parses(side, text), text
+    assert set(params["format"]["enum"]) == {"jpg", "jpeg", "png", "webp"}
+    assert params["size"]["default"] == cfg.default_size
+    assert {"200", "304", "308", "403", "404", "422", "503"} <= set(get["responses"])
+    assert "HTTPValidationError" not in doc["components"]["schemas"]   # FastAPI's 422 body, never sent here
+
+
+def test_the_schema_check_fails_a_response_the_schema_does_not_declare(client, city):
+    import httpx
+
+    doc = client.get("/openapi.json").json()
+    request = httpx.Request("GET", "http://testserver/thumbnail")
+
+    def response(status, **kw):
+        return httpx.Response(status, request=request, headers={"Cache-Control": "no-store"}, **kw)
+
+    check_response(doc, "GET", "/thumbnail", response(422, json={"detail": "bad seed"}))   # what the server sends
+    with pytest.raises(SchemaMismatch, match="does not match"):                          # FastAPI's own 422 body
+        check_response(doc, "GET", "/thumbnail", response(422, json={"detail": [{"loc": ["query", "seed"]}]}))
+    with pytest.raises(SchemaMismatch, match="not declared"):
+        check_response(doc, "GET", "/thumbnail", response(418, json={"detail": "teapot"}))
+    with pytest.raises(SchemaMismatch, match="Location"):
+        check_response(doc, "GET", "/thumbnail", response(308))
+    with pytest.raises(SchemaMismatch, match="no POST"):   # the checked client checks what the server sends
+        client.post("/thumbnail", params={"seed": "3", "city": city})
+    # and the real thing, through the checked client: a 308 with its Location, then the image
+    r = client.get("/thumbnail", params={"seed": "3", "city": city}, follow_redirects=True)
+    assert r.status_code == 200 and r.history and r.history[0].status_code == 308

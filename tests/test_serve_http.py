@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from openapi_check import checked_client
 
 from neighbourhoods.cli import main
 from neighbourhoods.core import urls
@@ -34,7 +34,7 @@ def thumbs(served_run):
 
 @pytest.fixture(scope="module")
 def client(thumbs):
-    with TestClient(create_app(thumbs), follow_redirects=False) as c:
+    with checked_client(create_app(thumbs), follow_redirects=False) as c:
         yield c
 
 
@@ -85,7 +85,7 @@ def test_non_canonical_values_and_repeats_are_422(client, city, query, message):
 def test_a_bounded_seed_range(served_run, city):
     ws, run = served_run
     bounded = build(ws, run, ServeConfig(max_seed=99), novelty=False)
-    with TestClient(create_app(bounded), follow_redirects=False) as c:
+    with checked_client(create_app(bounded), follow_redirects=False) as c:
         assert c.get(canonical(city, seed=99)).status_code == 200
         assert c.get(canonical(city, seed=100)).status_code == 422
 
@@ -100,7 +100,7 @@ def test_healthz_reports_the_servers_memory(client):
 def signed_client(served_run):
     ws, run = served_run
     signed = build(ws, run, ServeConfig(url_key=KEY), novelty=False)
-    with TestClient(create_app(signed), follow_redirects=False) as c:
+    with checked_client(create_app(signed), follow_redirects=False) as c:
         yield c
 
 
@@ -147,7 +147,7 @@ def test_serve_answers_503_when_every_retry_is_a_near_copy(served_run, city):
     ws, run = served_run
     thumbs = build(ws, run, ServeConfig(), novelty=False)
     thumbs.guard = Guard(similarity=lambda images: np.ones(len(images)), threshold=0.5, max_attempts=3)
-    with TestClient(create_app(thumbs), follow_redirects=False) as c:
+    with checked_client(create_app(thumbs), follow_redirects=False) as c:
         r = c.get(canonical(city, 5))
         assert r.status_code == 503 and "memorisation threshold" in r.json()["detail"]
         assert r.headers["cache-control"] == "no-store"
@@ -272,7 +272,7 @@ def test_generate_and_serve_from_a_read_only_workspace(readonly_copy, tmp_path, 
     ws, run = readonly_copy
     assert main(["generate", "-w", str(ws), "--run", run, "--city", city, "-n", "2", "--out", str(tmp_path / "t")]) == 0
     thumbs = build(ws, run)                                       # guard on
-    with TestClient(create_app(thumbs), follow_redirects=False) as c:
+    with checked_client(create_app(thumbs), follow_redirects=False) as c:
         assert c.get(canonical(city, 2)).status_code == 200
         assert c.get("/healthz").json()["novelty_guard"] is True
 
@@ -289,7 +289,7 @@ def test_a_read_only_workspace_without_the_guards_cache_still_serves(served_run,
         pytest.skip("a read-only file system needs root and `mount --bind -o ro` here")
     try:
         thumbs = build(mnt, run)           # features computed and kept in memory, not cached
-        with TestClient(create_app(thumbs), follow_redirects=False) as c:
+        with checked_client(create_app(thumbs), follow_redirects=False) as c:
             assert c.get(canonical(city, 4)).status_code == 200
         assert not list(Path(mnt, "embeddings").glob("eval-*.npz"))
     finally:

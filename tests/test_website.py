@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from fastapi.testclient import TestClient
+from openapi_check import checked_client
 from PIL import Image
 
 from neighbourhoods.demo.toytown import draw_toytown
@@ -47,7 +47,7 @@ def test_the_4_3_path_end_to_end(website_run, tmp_path):
     first = manifest["cities"]["Sunvale"]["files"][0]["file"]
     assert Image.open(tmp_path / "out" / first).size == (256, 192)
     thumbs = build(ws, run.name, ServeConfig(max_batch=4, max_wait_ms=5), novelty=False)
-    with TestClient(create_app(thumbs)) as client:
+    with checked_client(create_app(thumbs)) as client:
         r = client.get("/thumbnail", params={"city": "Pinecrest", "seed": 3, "size": "256x192"})
         assert r.status_code == 200
         img = np.asarray(Image.open(io.BytesIO(r.content)))

@@ -187,7 +187,7 @@ class Generator(nn.Module):
                  max_channels: int = 256, min_channels: int = 16, cond_from: int = 0,
                  channels: list[int] | None = None, convs: list[int] | None = None, grown: bool = False,
                  grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1,
-                 noise: bool = True):
+                 noise: bool = True, layout_lock: bool = False):
         super().__init__()
         self.z_dim = z_dim
         # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
@@ -234,6 +234,11 @@ class Generator(nn.Module):
         size = (self.base[0] * 2 ** layout_level, self.base[1] * 2 ** layout_level)
         self.layouts = LayoutPrior(num_classes, layouts, layout_dim, size, z_dim) if layouts else None
         self.layout_in = nn.ModuleList(nn.Conv2d(3, c, 1) for c in ch) if layouts else None
+        # `layout_lock`: G's residual on the layout loses its own layout (its average at the layout's
+        # size, enlarged smoothly again), so G paints only what is finer than the layout and cannot
+        # swap the drawn layout for a house of its own; without it, G at 96x128 strayed from its
+        # layouts as far as from a random one (docs/experiments.md)
+        self.layout_lock = bool(layout_lock and layouts)
         # A grown G keeps its smaller run's to_rgb one level down and fades from its (nearest-
         # upsampled) image to the new top block's: `fade` 0 -> 1 over training, a buffer so every
         # loader and export samples at the strength the checkpoint trained at (progressive GANs).
@@ -266,6 +271,8 @@ class Generator(nn.Module):
             feats.append(x)
         rgb = self.to_rgb(x)
         if layout is not None:   # a residual on the layout, in tanh's own units (atanh, spelled for ONNX)
+            if self.layout_lock:
+                rgb = rgb - _resize(_resize(rgb, layout.shape[-2:]), rgb.shape[-2:])
             up = up.clamp(-0.98, 0.98)
             rgb = rgb + 0.5 * torch.log((1.0 + up) / (1.0 - up))
         if self.to_rgb_prev is not None:

@@ -19,6 +19,7 @@ from neighbourhoods.core import urls
 from neighbourhoods.core.cities import ANY_CITY, UnknownCity
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import ThumbSize
+from neighbourhoods.serve import schema
 from neighbourhoods.serve.batching import Overloaded, Thumbnails
 from neighbourhoods.thumbnails.guard import NoNovelSample
 from neighbourhoods.thumbnails.postprocess import FORMATS, media_type, parse_format
@@ -79,14 +80,17 @@ def create_app(thumbs: Thumbnails):
         log.error("unexpected error on %s", request.url.path, exc_info=exc)
         return error(503, "could not render this request; try again", error=type(exc).__name__)
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    plain = {"responses": schema.PLAIN_RESPONSES}
+
+    @app.head("/healthz", operation_id="healthz_head", response_model=schema.Health, **plain)
+    @app.get("/healthz", operation_id="healthz", response_model=schema.Health, **plain)
     async def healthz():
         return {"status": "ok", "model": source.label, "snapshot": source.snapshot, "images_seen": source.images_seen,
                 "generator_res": list(source.res), "cities": len(source.class_names),
                 "upscale": thumbs.upscaler.name, "novelty_guard": thumbs.guard is not None,
                 "signed_urls": cfg.url_key is not None, **memory(), **thumbs.stats()}
 
-    @app.get("/cities")
+    @app.get("/cities", operation_id="cities", response_model=schema.Cities, **plain)
     async def cities():
         # every city of the run's data, by its own name, with the class it is drawn from
         draws = source.city_map.draws_from
@@ -95,16 +99,30 @@ def create_app(thumbs: Thumbnails):
                 "classes": list(source.class_names), "fallbacks": ["any"] if ANY_CITY in source.class_names else [],
                 "default_size": cfg.default_size, "max_side": cfg.max_side, "formats": list(FORMATS)}
 
-    @app.api_route("/thumbnail", methods=["GET", "HEAD"])
+    # every parameter is a string parsed strictly below (core/urls.py); the patterns and enums
+    # only tell clients those rules (json_schema_extra: published, not checked a second time)
+    def rule(**extra):
+        return {"json_schema_extra": extra}
+
+    thumb = {"response_class": Response, "responses": schema.THUMBNAIL_RESPONSES}
+
+    @app.head("/thumbnail", operation_id="thumbnail_head", **thumb)
+    @app.get("/thumbnail", operation_id="thumbnail", **thumb)
     async def thumbnail(request: Request,
-                        # declared for the API docs; the query is parsed strictly below (core/urls.py)
-                        city: str = Query(..., max_length=300, description="city name, as /cities lists it"),
-                        seed: str = Query(..., max_length=20, description="a non-negative integer, plain digits"),
-                        size: str = Query(None, max_length=20, description="WxH, e.g. 256x192"),
-                        format: str = Query("jpg", max_length=10, description="jpg, png or webp"),
+                        city: str = Query(..., max_length=300, description="city name, as /cities lists it "
+                                          "(case and spacing are forgiven, then redirected)"),
+                        seed: str = Query(..., max_length=19, description=f"an integer from 0 to {cfg.max_seed} "
+                                          "in plain digits", **rule(pattern=schema.seed_pattern(cfg.max_seed))),
+                        size: str = Query(cfg.default_size, max_length=20, description=f"WxH, each side "
+                                          f"{schema.MIN_THUMB_SIDE} to {cfg.max_side} px",
+                                          **rule(pattern=schema.size_pattern(cfg.max_side))),
+                        format: str = Query("jpg", max_length=10, description="image format (jpeg: redirected to jpg)",
+                                            **rule(enum=schema.FORMAT_NAMES)),
                         fallback: str = Query(None, max_length=10,
-                                              description="any: draw a city the data never had from (any city)"),
-                        sig: str = Query(None, max_length=100, description="signature (when the server signs)")):
+                                              description="any: draw a city the data never had from (any city)",
+                                              **rule(enum=schema.FALLBACKS)),
+                        sig: str = Query(None, max_length=100, description="signature of the canonical URL "
+                                         "(required when the server signs)")):
         try:
             params, sig = urls.parse_query(request.query_params.multi_items())
             seed_n = urls.parse_seed(params["seed"], cfg.max_seed)
