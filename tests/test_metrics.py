@@ -144,6 +144,22 @@ def test_far_away_samples_have_zero_precision(rng):
     assert precision == 0.0 and recall == 0.0
 
 
+def test_realism_is_high_among_the_photos_and_low_off_their_manifold(rng):
+    real = rng.normal(size=(400, 16))
+    radii = metrics.realism_radii(real)
+    assert (radii == 0).sum() >= 200                     # the wider half of the balls is left out
+    inside = real[radii > 0][:50] + 0.01 * rng.normal(size=(50, 16))   # samples on top of (kept) photos
+    typical = rng.normal(size=(200, 16))                 # fresh draws of the photos' distribution
+    far = rng.normal(size=(50, 16)) + 8.0                # off the manifold
+    r_in, r_typ, r_far = (metrics.realism(real, radii, x) for x in (inside, typical, far))
+    assert np.median(r_in) > 10 and r_far.max() < 0.5
+    assert r_far.max() < np.quantile(r_typ, 0.1) < np.median(r_typ) < np.median(r_in)
+    # precision counts exactly the samples scoring at least 1 against all balls
+    full = np.sqrt(metrics._knn_radii(real, 3))
+    p, _ = metrics.precision_recall(real, typical)
+    assert abs(p - (metrics.realism(real, full, typical) >= 1).mean()) < 1e-9
+
+
 # --- the FID Inception network ------------------------------------------------------------------
 def test_near_duplicate_share_is_one_percent_for_photos_and_near_one_for_one_house(rng):
     # a city's "photos": features on a sphere-ish cloud; samples drawn like them share the photos' 1%

@@ -148,6 +148,28 @@ def precision_recall(real: np.ndarray, gen: np.ndarray, k: int = 3) -> tuple[flo
     return precision, recall
 
 
+def realism_radii(real: np.ndarray, k: int = 3) -> np.ndarray:
+    """The k-NN radii (Euclidean) of the real set for `realism`, the larger half set to 0.
+
+    Kynkaanniemi et al. (2019) score a sample only against the real points whose k-NN ball is
+    at most the median: the widest balls sit in sparse, outlying regions, and one of them would
+    make almost anything look real."""
+    radii = np.sqrt(_knn_radii(_as_features(real, "real features", min_rows=k + 1), k))
+    return np.where(radii <= np.median(radii), radii, 0.0)
+
+
+def realism(real: np.ndarray, radii: np.ndarray, gen: np.ndarray, batch: int = 1024) -> np.ndarray:
+    """The realism score of each row of `gen` (Kynkaanniemi et al., 2019, section 5):
+    max over real points of radius / distance, with `radii` from realism_radii. Above 1: inside
+    some real photo's k-NN ball (precision counts it); the higher, the deeper among real photos."""
+    real, gen = _check_pair(real, gen, min_rows=1)
+    out = np.empty(len(gen))
+    for start in range(0, len(gen), batch):
+        d = np.sqrt(_squared_distances(gen[start:start + batch], real))
+        out[start:start + batch] = (radii[None, :] / np.maximum(d, 1e-12)).max(axis=1)
+    return out
+
+
 def mean_pairwise_distance(x: np.ndarray) -> float:
     """Mean Euclidean distance between distinct rows of `x` (N x D, N >= 2)."""
     x = _as_features(x, "features")
