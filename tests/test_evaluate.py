@@ -182,3 +182,19 @@ def test_describe_prints_every_figure_of_the_evaluation(evaluation):
     text = ev.describe(evaluation)
     assert f"FID {evaluation['quality']['fid']:.2f}" in text
     assert "real-vs-real floor" in text and "memorised (inception)" in text and evaluation["path"] in text
+
+
+def test_evaluate_scores_the_set_as_served_through_the_guard_beside_the_drawn_one(toy, evaluation):
+    cfg = ev.EvaluateConfig(n=12, kid_subsets=20, min_city_holdout=3, gated=True, novelty_spaces=(), floor=False)
+    result = ev.evaluate(toy.ws, toy.run, cfg, progress=False)
+    drawn, served = result["quality"], result["gated"]
+    assert drawn["kid"] == evaluation["quality"]["kid"]          # the drawn set is the plain evaluation's
+    assert served["replaced"] == round((1 - served["accepted_share"]) * 12) > 0   # grey blobs: the gate swaps some
+    assert served["realism_quantile"] == 0.2 and "realism gate" in served["guard"]
+    assert served["kid"] != drawn["kid"]
+    assert all("accepted_share" in c["gated"] for c in result["per_city"])
+    assert "as served (novelty guard, realism gate at quantile 0.2)" in ev.describe(result)
+    # without the realism gate, only near-copies are swapped: none here, so the served set is the drawn one
+    cfg.realism_quantile = 0
+    plain = ev.evaluate(toy.ws, toy.run, cfg, progress=False)["gated"]
+    assert plain["replaced"] == 0 and plain["kid"] == drawn["kid"]

@@ -71,8 +71,8 @@ def test_thumbnail_bytes_are_reproducible_in_every_format(source):
 def _flagging_guard(source, flagged_seeds, max_attempts=8):
     """A guard that calls an image a near-copy when it equals the sample of a flagged seed."""
     flagged = {source.sample([c], [s])[0].tobytes() for c, s in flagged_seeds}
-    return Guard(similarity=lambda imgs: np.array([1.0 if im.tobytes() in flagged else 0.1 for im in imgs]),
-                 threshold=0.9, max_attempts=max_attempts)
+    return Guard(embed=lambda imgs: np.array([[1.0 if im.tobytes() in flagged else 0.1] for im in imgs]),
+                 similarity=lambda f: f[:, 0], threshold=0.9, max_attempts=max_attempts)
 
 
 def test_guard_replaces_a_near_copy_by_the_next_derived_seed(source):
@@ -86,9 +86,83 @@ def test_guard_replaces_a_near_copy_by_the_next_derived_seed(source):
 
 
 def test_guard_gives_up_with_a_clear_error_when_every_attempt_is_a_copy(source):
-    guard = Guard(similarity=lambda imgs: np.ones(len(imgs)), threshold=0.5, max_attempts=3)
+    guard = Guard(embed=lambda imgs: np.ones((len(imgs), 1)), similarity=lambda f: f[:, 0], threshold=0.5,
+                  max_attempts=3)
     with pytest.raises(NoNovelSample, match="memorises"):
         render_samples(source, [0], [1], guard)
+
+
+class _ScoredRealism:
+    """A realism gate whose score of a sample is given per seed (feature column 1 carries it)."""
+    quantile, thresholds = 0.2, np.array([0.5])
+
+    def passes(self, features, classes):
+        return features[:, 1], features[:, 1] >= 0.5
+
+
+def _scoring_guard(source, realism_by_seed: dict, copies=(), max_attempts=4):
+    """Novelty from `copies` (seeds that are near-copies), realism from `realism_by_seed` (default 1)."""
+    images = {}
+
+    def embed(imgs):
+        rows = []
+        for im in imgs:
+            seed = images[im.tobytes()]
+            rows.append([1.0 if seed in copies else 0.1, realism_by_seed.get(seed, 1.0)])
+        return np.array(rows)
+
+    def sample(classes, seeds):   # remembers which seed drew each image, for embed
+        out = source.sample(classes, seeds)
+        images.update({im.tobytes(): s for im, s in zip(out, seeds)})
+        return out
+
+    guard = Guard(embed=embed, similarity=lambda f: f[:, 0], threshold=0.9, max_attempts=max_attempts,
+                  realism=_ScoredRealism())
+    return Source(source.class_names, source.res, sample, source.fingerprint), guard
+
+
+def test_realism_gate_replaces_an_unrealistic_sample_by_the_next_derived_seed(source):
+    tracked, guard = _scoring_guard(source, {4: 0.1})
+    out = render_samples(tracked, [0, 0], [3, 4], guard)
+    assert [s.used_seed for s in out] == [3, derived_seed(4, 1)]
+    assert all(s.passed for s in out) and out[1].realism == 1.0
+    again = render_samples(tracked, [0], [4], guard)[0]     # alone: the same replacement
+    assert again.used_seed == out[1].used_seed and np.array_equal(again.image, out[1].image)
+
+
+def test_realism_gate_serves_the_most_realistic_novel_attempt_when_none_passes(source):
+    seeds = [derived_seed(7, a) for a in range(4)]
+    scores = dict(zip(seeds, [0.2, 0.4, 0.3, 0.1]))
+    tracked, guard = _scoring_guard(source, scores, copies={seeds[1]})   # the most realistic one is a copy
+    s = render_samples(tracked, [0], [7], guard)[0]
+    assert not s.passed and s.used_seed == seeds[2] and s.realism == 0.3   # never the near-copy
+    tracked, guard = _scoring_guard(source, scores, copies=set(seeds))
+    with pytest.raises(NoNovelSample):
+        render_samples(tracked, [0], [7], guard)
+
+
+def test_realism_threshold_is_a_quantile_of_held_out_photos_and_small_cities_use_all_photos():
+    from neighbourhoods.thumbnails.realism import calibrate
+
+    rng = np.random.default_rng(0)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    centres = unit(rng.normal(size=(3, 32))) * 3
+    real = unit(np.concatenate([centres[c] + rng.normal(size=(n, 32)) for c, n in [(0, 300), (1, 300), (2, 10)]]))
+    real_classes = np.repeat([0, 1, 2], [300, 300, 10])
+    holdout = unit(np.concatenate([centres[c] + rng.normal(size=(100, 32)) for c in (0, 1, 2)]))
+    holdout_classes = np.repeat([0, 1, 2], 100)
+    gate = calibrate(real, real_classes, holdout, holdout_classes, num_classes=3, quantile=0.2)
+    assert list(gate.own) == [True, True, False] and len(gate.members[2]) == len(real)
+    for c in (0, 1):   # a fifth of the city's own held-out photos would be turned away
+        _, ok = gate.passes(holdout[holdout_classes == c], [c] * 100)
+        assert 0.7 <= ok.mean() <= 0.9
+    far = unit(rng.normal(size=(50, 32)))                  # off every city's cloud
+    assert gate.passes(far, [0] * 50)[1].mean() < 0.2
+    other = holdout[holdout_classes == 1]                  # another city's houses, judged as city 0's
+    assert gate.passes(other, [0] * 100)[1].mean() < 0.2
 
 
 def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
@@ -97,7 +171,7 @@ def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
     from neighbourhoods.thumbnails.guard import load_guard
 
     ws, _ = served_run
-    guard = load_guard(ws, source)
+    guard = load_guard(ws, source, realism_quantile=0)   # the novelty guard alone
     split = load_split(open_workspace(ws), source.res, "train")
     photo = np.asarray(split.images[split.rows[0]])
 
@@ -107,7 +181,7 @@ def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
         return out
 
     memorising = Source(source.class_names, source.res, copying, source.fingerprint)
-    assert guard.similarity(photo[None])[0] > guard.threshold
+    assert guard.image_similarity(photo[None])[0] > guard.threshold
     s = render_samples(memorising, [0, 0], [4, 5], guard)
     assert s[0].used_seed == derived_seed(4, 1) and not np.array_equal(s[0].image, photo)
     assert s[0].similarity <= guard.threshold and s[1].used_seed == 5

@@ -36,6 +36,24 @@ def test_export_writes_the_replica_and_measures_it(replica):
     result = export_onnx(ws, run, out)
     assert result["max_abs_diff"] <= 1                       # pixels within 1/255 of the eager generator
     assert result["guard_max_similarity_diff"] < 0.03        # fp32 here, bf16 (where native) in the eager guard
+    assert result["realism_max_rel_diff"] < 0.05             # the realism gate: the same sets and thresholds
+
+
+def test_the_replicas_realism_gate_is_the_runs(replica):
+    from neighbourhoods.thumbnails.guard import load_guard
+    from neighbourhoods.thumbnails.replica import load_replica_guard, load_replica_source
+    from neighbourhoods.thumbnails.source import load_source
+
+    ws, run, out = replica
+    eager = load_guard(ws, load_source(ws, run), progress=False).realism
+    onnx = load_replica_guard(out).realism
+    assert np.array_equal(eager.thresholds, onnx.thresholds) and np.array_equal(eager.own, onnx.own)
+    assert all(np.array_equal(a, b) for a, b in zip(eager.members, onnx.members))
+    source = load_replica_source(out)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["guard"]["realism"]["quantile"] == 0.2 and len(meta["guard"]["realism"]["classes"]) == len(
+        source.class_names)
+    assert load_replica_guard(out, realism=False).realism is None
 
 
 def test_replica_samples_match_the_eager_generator(replica):

@@ -146,7 +146,8 @@ def test_the_sign_verb_and_a_short_key(city, capsys, monkeypatch):
 def test_serve_answers_503_when_every_retry_is_a_near_copy(served_run, city):
     ws, run = served_run
     thumbs = build(ws, run, ServeConfig(), novelty=False)
-    thumbs.guard = Guard(similarity=lambda images: np.ones(len(images)), threshold=0.5, max_attempts=3)
+    thumbs.guard = Guard(embed=lambda images: np.ones((len(images), 1)), similarity=lambda f: f[:, 0], threshold=0.5,
+                         max_attempts=3)
     with checked_client(create_app(thumbs), follow_redirects=False) as c:
         r = c.get(canonical(city, 5))
         assert r.status_code == 503 and "memorisation threshold" in r.json()["detail"]

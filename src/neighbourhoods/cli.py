@@ -193,6 +193,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-novelty-guard", action="store_true", help="keep samples even if they nearly copy a training photo")
     p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
                    "its first call indexes every training photo, hours on a CPU at 100k+ photos")
+    p.add_argument("--realism-quantile", type=float, default=None,
+                   help="the realism gate: replace samples less realistic than this quantile of the held-out "
+                   "photos' own realism (default 0.2; 0: gate off; an .onnx replica keeps the one it was exported with)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     _add_snapshot(p)
@@ -205,7 +208,8 @@ def _run_generate(args) -> None:
     cfg = GenerateConfig(n=args.n, seed=args.seed, size=ThumbSize.parse(args.size), fmt=args.format,
                          upscale=args.upscale, novelty=not args.no_novelty_guard, cities=args.city,
                          all_cities=args.all_cities, every_city=args.every_city, fallback=args.fallback,
-                         guard_device=args.guard_device, snapshot=args.snapshot)
+                         guard_device=args.guard_device, snapshot=args.snapshot,
+                         realism_quantile=args.realism_quantile)
     manifest = generate(args.workspace, args.run, args.out, cfg, progress=not args.json)
     if args.json:
         _print_json(manifest)
@@ -225,6 +229,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-novelty-guard", action="store_true", help="serve samples even if they nearly copy a training photo")
     p.add_argument("--guard-device", default="cpu", help="where the novelty guard's network runs (cpu, cuda); "
                    "its first call indexes every training photo, hours on a CPU at 100k+ photos")
+    p.add_argument("--realism-quantile", type=float, default=None,
+                   help="the realism gate: replace samples less realistic than this quantile of the held-out "
+                   "photos' own realism (default 0.2; 0: gate off; an .onnx replica keeps the one it was exported with)")
     p.add_argument("--max-batch", type=int, default=16, help="most samples per generator call")
     p.add_argument("--generator-workers", type=int, default=None,
                    help="generator calls at once, one thread each (default: 2 for a run, 1 for an ONNX replica)")
@@ -253,7 +260,8 @@ def _run_serve(args) -> None:
                       header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
                       max_connections=args.max_connections)
     serve(args.workspace, args.run, host=args.host, port=args.port, config=cfg, upscale=args.upscale,
-          novelty=not args.no_novelty_guard, guard_device=args.guard_device, snapshot=args.snapshot)
+          novelty=not args.no_novelty_guard, guard_device=args.guard_device, snapshot=args.snapshot,
+          realism_quantile=args.realism_quantile)
 
 
 def _add_sign(sub) -> None:
@@ -283,6 +291,8 @@ def _add_export(sub) -> None:
                    help="pt2: torch.export (default); onnx: a replica for onnxruntime, no torch, with the guard "
                    "and the upscaler (default: from --out's suffix)")
     p.add_argument("--bench", action="store_true", help="also measure CPU latency per thumbnail at batch 1 and 64")
+    p.add_argument("--realism-quantile", type=float, default=None,
+                   help="onnx: the replica's realism gate (default 0.2 of the held-out photos' realism; 0: none)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_snapshot(p)
     p.set_defaults(func=_run_export)
@@ -291,7 +301,8 @@ def _add_export(sub) -> None:
 def _run_export(args) -> None:
     from neighbourhoods.export import export
 
-    result = export(args.workspace, args.run, args.out, bench=args.bench, fmt=args.format, snapshot=args.snapshot)
+    result = export(args.workspace, args.run, args.out, bench=args.bench, fmt=args.format, snapshot=args.snapshot,
+                    realism_quantile=args.realism_quantile)
     if args.json:
         _print_json(result)
     else:
@@ -382,6 +393,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--against", choices=["holdout", "train"], default="holdout",
                    help="the real photos: holdout (default), or train (the fixed draw of training photos the "
                         "training curve uses: reproduces its KID with --n 300)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="score only the samples as drawn, not also the set as served through the guard "
+                        "(novelty guard and realism gate, as generate and serve apply them)")
+    p.add_argument("--realism-quantile", type=float, default=None,
+                   help="the realism gate the served set is scored with (default 0.2; 0: the novelty guard alone)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _add_snapshot(p)
     p.set_defaults(func=_run_evaluate)
@@ -391,7 +407,10 @@ def _run_evaluate(args) -> None:
     from neighbourhoods.evaluate import EvaluateConfig, describe, evaluate
 
     config = EvaluateConfig(n=args.n, seed=args.seed, min_city_holdout=args.min_city_holdout, device=args.device,
-                            size=args.size, upscale=args.upscale, against=args.against)
+                            size=args.size, upscale=args.upscale, against=args.against,
+                            gated=not args.no_gate and args.against == "holdout")
+    if args.realism_quantile is not None:
+        config.realism_quantile = args.realism_quantile
     result = evaluate(args.workspace, args.run, config, progress=not args.json, snapshot=args.snapshot)
     if args.json:
         _print_json(result)

@@ -27,6 +27,7 @@ from neighbourhoods.core.workspace import atomic_path, atomic_write_json, open_w
 from neighbourhoods.models import runs
 from neighbourhoods.thumbnails.exported import load_exported
 from neighbourhoods.thumbnails.postprocess import thumbnail
+from neighbourhoods.thumbnails.realism import QUANTILE
 from neighbourhoods.thumbnails.source import weights_fingerprint
 from neighbourhoods.thumbnails.upscalers import get_upscaler
 
@@ -44,13 +45,14 @@ def _wrapper(model):
 
 
 def export(workspace, run: str, out, bench: bool = False, check_n: int = 8, fmt: str | None = None,
-           snapshot: str = "best") -> dict:
+           snapshot: str = "best", realism_quantile: float | None = None) -> dict:
     out = Path(out)
     fmt = fmt or (out.suffix[1:] if out.suffix in (".pt2", ".onnx") else "pt2")
     if fmt not in ("pt2", "onnx") or out.suffix != f".{fmt}":
         raise NeighbourhoodsError(f"--out must end in .pt2 (--format pt2) or .onnx (--format onnx), got {out}")
     if fmt == "onnx":
-        return export_onnx(workspace, run, out, check_n=check_n, snapshot=snapshot)
+        return export_onnx(workspace, run, out, check_n=check_n, snapshot=snapshot,
+                           realism_quantile=QUANTILE if realism_quantile is None else realism_quantile)
     ws = open_workspace(workspace)
     gen = runs.load_generator(runs.resolve_run(ws, run), snapshot=snapshot)
     wrapped = _wrapper(gen.model)
@@ -128,13 +130,16 @@ def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynam
                           output_names=outputs, dynamic_axes=dynamic)
 
 
-def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str = "best") -> dict:
+def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str = "best",
+                realism_quantile: float = QUANTILE) -> dict:
     """OUT.onnx (+ .json, .guard.onnx, .guard.npz, .sr.onnx): a replica with no torch (replica.py)."""
     from neighbourhoods.core.images import EFFICIENTNET_INPUT
     from neighbourhoods.core.latents import latents
     from neighbourhoods.metrics import novelty
     from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
     from neighbourhoods.thumbnails import replica
+    from neighbourhoods.thumbnails.guard import calibrate_realism
+    from neighbourhoods.thumbnails.realism import realism_arrays
     from neighbourhoods.thumbnails.upscalers import SRUpscaler
 
     ws = open_workspace(workspace)
@@ -159,9 +164,10 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     guard_hw = EFFICIENTNET_INPUT[index.space] or gen.res   # the space's input size (None: the samples')
     _onnx(Pooled().eval(), (torch.rand(2, 3, *guard_hw),), replica.sibling(out, ".guard.onnx"), ["images"],
           ["features"], {"images": {0: "n"}, "features": {0: "n"}})
+    gate = calibrate_realism(ws, index, list(gen.class_names), gen.city_map, realism_quantile, progress=False)
     with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=index.train_features.astype(np.float16), photo_ids=index.train_photo_ids,
-                 threshold=np.float64(index.threshold))
+                 threshold=np.float64(index.threshold), **({} if gate is None else realism_arrays(gate)))
 
     upscaler = get_upscaler(None, workspace=ws.root, res=gen.res)
     upscale = None
@@ -173,7 +179,9 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
             "res": list(gen.res), "z_dim": int(gen.z_dim), "images_seen": int(gen.images_seen), "snapshot": gen.snapshot,
             "fingerprint": weights_fingerprint(gen.model), "run": str(run_dir), "noise": "core.latents",
             "guard": {"space": index.space, "photos": int(len(index.train_photo_ids)),
-                      "threshold": float(index.threshold)},
+                      "threshold": float(index.threshold),
+                      "realism": None if gate is None else {"quantile": gate.quantile,
+                                                            "classes": gate.summary(list(gen.class_names))}},
             "upscale": upscale}
     atomic_write_json(out.with_suffix(".json"), meta)
 
@@ -184,9 +192,14 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     got = replica.load_replica_source(out).sample(classes, seeds)
     result = {"path": str(out), "bytes": sum(p.stat().st_size for p in out.parent.glob(out.stem + ".*")),
               "max_abs_diff": int(np.abs(ref.astype(np.int16) - got.astype(np.int16)).max())}
-    eager_sim = index.max_similarity(ref)
-    replica_sim = replica.load_replica_guard(out).similarity(ref)
-    result["guard_max_similarity_diff"] = float(np.abs(eager_sim - replica_sim).max())
+    eager_features = index.features(ref)
+    replica_guard = replica.load_replica_guard(out)
+    replica_features = replica_guard.embed(ref)
+    result["guard_max_similarity_diff"] = float(np.abs(index.nearest_to_features(eager_features)[0]
+                                                       - replica_guard.similarity(replica_features)).max())
+    if gate is not None:   # the same reference sets and thresholds; scores differ by the features' precision
+        a, b = gate.score(eager_features, classes), replica_guard.realism.score(replica_features, classes)
+        result["realism_max_rel_diff"] = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
     if upscale:
         a = upscaler._pass(ref[0])
         b = replica.load_replica_upscaler(out)._pass(ref[0])

@@ -52,6 +52,7 @@ class GenerateConfig:
     every_city: bool = False         # one folder per city of the run's data, pooled ones included
     fallback: str | None = None      # "any": a city the data never had is drawn from "(any city)"
     snapshot: str = "best"           # a run's weights: its best snapshot (where it keeps one) or "last"
+    realism_quantile: float | None = None   # the realism gate's quantile (None: the default, 0.2; 0: off)
 
 
 def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: bool = True) -> dict:
@@ -62,7 +63,8 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
     check_seed(config.seed + config.n - 1)
     fmt = parse_format(config.fmt)
     source, guard, upscaler = load_pipeline(workspace, run, config.upscale, config.novelty, config.guard_device,
-                                            progress=progress, snapshot=config.snapshot)
+                                            progress=progress, snapshot=config.snapshot,
+                                            realism_quantile=config.realism_quantile)
     if config.every_city:
         matches = [source.resolve(c) for c in source.city_map.cities]
     elif config.all_cities:
@@ -78,6 +80,8 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
                 "generator_res": list(source.res), "size": f"{config.size[0]}x{config.size[1]}", "format": fmt,
                 "upscale": upscaler.name, "novelty_guard": None if guard is None else
                 {"threshold": guard.threshold, "max_attempts": guard.max_attempts},
+                "realism_gate": None if guard is None or guard.realism is None else
+                {"quantile": guard.realism.quantile, "classes": guard.realism.summary(source.class_names)},
                 "cities": {}}
     taken: set[str] = set()
     # closed before an error propagates: the error is the last line printed, not a half bar
@@ -96,8 +100,9 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
                     atomic_write_bytes(out / rel, encode(img, fmt))
                     if len(thumbs) < GRID_SAMPLES:
                         thumbs.append(img)
-                    files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity})
-                    replaced += s.used_seed != s.seed   # the guard swapped a near-copy for another seed
+                    files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity,
+                                  "realism": s.realism, "passed": s.passed})
+                    replaced += s.used_seed != s.seed   # the guard swapped a near-copy or an unrealistic sample
                     bar.update(1)
             grid_rel = f"{folder}/grid.png"
             save_grid(out / grid_rel, thumbs, GRID_COLUMNS, pad=2, border=2)
@@ -111,8 +116,16 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
 def describe(manifest: dict, out_dir) -> str:
     n = sum(len(c["files"]) for c in manifest["cities"].values())
     replaced = sum(c["replaced"] for c in manifest["cities"].values())
-    guard = "off" if manifest["novelty_guard"] is None else f"on, {replaced} near-copies replaced"
+    files = [f for c in manifest["cities"].values() for f in c["files"]]
+    if manifest["novelty_guard"] is None:
+        guard = "novelty guard off"
+    elif manifest.get("realism_gate") is None:
+        guard = f"novelty guard on, {replaced} near-copies replaced; realism gate off"
+    else:
+        below = sum(not f.get("passed", True) for f in files)
+        guard = (f"novelty guard and realism gate on: {replaced} replaced"
+                 + (f", {below} served below the gate (no attempt passed)" if below else ""))
     k = len(manifest["cities"])
     return (f"wrote {n} thumbnails ({manifest['size']} {manifest['format']}, upscale {manifest['upscale']}, "
-            f"novelty guard {guard}) for {k} {'city' if k == 1 else 'cities'} to {out_dir} "
+            f"{guard}) for {k} {'city' if k == 1 else 'cities'} to {out_dir} "
             f"(manifest.json, a grid.png per city)")

@@ -53,6 +53,7 @@ from neighbourhoods.metrics.features import SPACES, FeatureSpace, load_space, ph
 from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate
 from neighbourhoods.models import runs
 from neighbourhoods.models.runs import eval_dir
+from neighbourhoods.thumbnails.realism import QUANTILE as REALISM_QUANTILE
 
 NOVELTY_FILE = "novelty.npz"
 
@@ -81,6 +82,8 @@ class ScoringConfig:
     figure_pairs: int = 24        # most train-like samples kept (with their nearest photos) for the report
     batch_size: int = 32          # images per feature-network batch
     device: str = "cpu"           # "cpu" or "cuda[:N]" for the generator and the feature networks
+    gated: bool = False           # also score the set as served through the guard (novelty + realism gate)
+    realism_quantile: float = REALISM_QUANTILE   # ... with the realism gate at this quantile (0: the novelty guard alone)
 
 
 TRAIN_REFERENCE = 2000   # training photos the training curve is measured against (a fixed draw)
@@ -243,6 +246,7 @@ class Scores:
     classes: np.ndarray            # each sample's class (its seed: config.seed + i)
     nearest: dict = field(default_factory=dict)   # space -> (similarity, photo id) of each sample's nearest train photo
     holdout_similarity: dict = field(default_factory=dict)   # space -> the held-out photos' (the calibration)
+    gated_images: np.ndarray | None = None   # config.gated: the samples as served (replacements in place)
 
 
 def _kid(real: np.ndarray, gen: np.ndarray, cfg: ScoringConfig) -> dict:
@@ -256,6 +260,57 @@ def _quality(real: np.ndarray, gen: np.ndarray, cfg: ScoringConfig) -> dict:
     if cfg.precision_recall:
         out["precision"], out["recall"] = metrics.precision_recall(real, gen, k=cfg.pr_k)
     return out
+
+
+def _per_city(real: RealSide, lut: np.ndarray, usable: np.ndarray, classes: np.ndarray, g: np.ndarray,
+              class_names: list[str], cfg: ScoringConfig) -> list[dict]:
+    """KID, within-city diversity and near-duplicate share of each city with enough held-out photos."""
+    cities = []
+    for label, name in enumerate(real.label_names if cfg.per_city else []):
+        rows = (real.holdout_labels == label) & usable
+        cls = int(lut[label])
+        if rows.sum() < cfg.min_city_holdout or cls < 0 or class_names[cls] != name:
+            continue
+        city_gen = g[classes == cls]
+        if len(city_gen) < 2:
+            continue
+        cities.append({"city": name, "holdout": int(rows.sum()), "generated": int(len(city_gen)),
+                       "kid": _kid(real.holdout[rows], city_gen, cfg),
+                       "diversity": metrics.diversity_ratio(real.holdout[rows], city_gen),
+                       "near_duplicates": metrics.near_duplicate_share(real.holdout[rows], city_gen,
+                                                                       cfg.near_duplicate_percentile)})
+    return cities
+
+
+def _city_summary(quality: dict, cities: list[dict]) -> None:
+    # Within-city variety (1.0 = as varied as the city's real photos) and the share of same-city
+    # sample pairs that are one house ((100 - percentile) % for the real photos), over those cities.
+    quality["within_city_diversity"] = float(np.mean([c["diversity"] for c in cities])) if cities else None
+    quality["near_duplicates"] = float(np.mean([c["near_duplicates"] for c in cities])) if cities else None
+
+
+def gate_samples(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_names: list[str],
+                 city_map: CityMap | None, classes: np.ndarray, seeds: np.ndarray, cfg: ScoringConfig,
+                 progress: bool = True) -> tuple[list, object]:
+    """The (class, seed) pairs as generate and serve give them: through the guard (novelty and
+    realism gate at cfg.realism_quantile), replaced seeds and all. (Samples, guard)."""
+    from neighbourhoods.thumbnails.guard import load_guard, render_samples
+    from neighbourhoods.thumbnails.source import Source
+
+    def sample(c, s):
+        return runs.generate_images(model, list(c), list(s), batch_size=64)
+
+    source = Source(list(class_names), tuple(res), sample, fingerprint="", city_map=city_map)
+    guard = load_guard(ws.root, source, progress=progress, device=cfg.device, realism_quantile=cfg.realism_quantile)
+    was_training = model.training
+    model.eval()
+    try:
+        out = []
+        for start in tqdm(range(0, len(classes), 256), desc="gating", unit="chunk", disable=not progress):
+            out += render_samples(source, classes[start:start + 256].tolist(), seeds[start:start + 256].tolist(), guard)
+        return out, guard
+    finally:
+        model.train(was_training)
 
 
 def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_names: list[str],
@@ -305,25 +360,36 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
     floor = None
     if real.floor is not None and len(real.floor) > cfg.pr_k:
         floor = {"n": int(len(real.floor)), **_quality(real_inc, real.floor, cfg)}
-    cities = []
-    for label, name in enumerate(real.label_names if cfg.per_city else []):
-        rows = (real.holdout_labels == label) & usable
-        cls = int(lut[label])
-        if rows.sum() < cfg.min_city_holdout or cls < 0 or class_names[cls] != name:
-            continue
-        city_gen = g[classes == cls]
-        if len(city_gen) < 2:
-            continue
-        cities.append({"city": name, "holdout": int(rows.sum()), "generated": int(len(city_gen)),
-                       "kid": _kid(real.holdout[rows], city_gen, cfg),
-                       "diversity": metrics.diversity_ratio(real.holdout[rows], city_gen),
-                       "near_duplicates": metrics.near_duplicate_share(real.holdout[rows], city_gen,
-                                                                       cfg.near_duplicate_percentile)})
-    # Within-city variety (1.0 = as varied as the city's real photos) and the share of same-city
-    # sample pairs that are one house ((100 - percentile) % for the real photos), over those cities.
-    quality["within_city_diversity"] = float(np.mean([c["diversity"] for c in cities])) if cities else None
-    quality["near_duplicates"] = float(np.mean([c["near_duplicates"] for c in cities])) if cities else None
+    cities = _per_city(real, lut, usable, classes, g, class_names, cfg)
+    _city_summary(quality, cities)
     timings["quality_s"] = time.monotonic() - t
+
+    # The gated set: the same pairs as generate and serve give them (guard.render_samples), scored
+    # the same way beside the ungated one; only replaced samples need new features.
+    gated = gated_images = None
+    if cfg.gated:
+        t = time.monotonic()
+        samples, guard = gate_samples(ws, res, model, class_names, city_map, classes, seeds, cfg, progress)
+        gated_images = np.stack([s.image for s in samples])
+        replaced = np.array([s.used_seed != s.seed for s in samples])
+        g_gated = g.copy()
+        if replaced.any():
+            new = gated_images[replaced]
+            if cfg.size is not None:
+                new, _ = served_thumbnails(ws, res, new, tuple(cfg.size), cfg.upscale, cfg.fmt, progress)
+            g_gated[replaced] = inception.extract(new, progress=progress, desc="inception of replacements")
+        gated = {"realism_quantile": cfg.realism_quantile, "guard": guard.label,
+                 "replaced": int(replaced.sum()), "accepted_share": float(1 - replaced.mean()),
+                 "below_gate": int(sum(not s.passed for s in samples)), **_quality(real_inc, g_gated, cfg)}
+        gated_cities = _per_city(real, lut, usable, classes, g_gated, class_names, cfg)
+        _city_summary(gated, gated_cities)
+        by_name = {c["city"]: c for c in gated_cities}
+        for c in cities:
+            if c["city"] in by_name:
+                cls = class_names.index(c["city"])
+                c["gated"] = {k: by_name[c["city"]][k] for k in ("kid", "diversity", "near_duplicates")}
+                c["gated"]["accepted_share"] = float(1 - replaced[classes == cls].mean())
+        timings["gated_s"] = time.monotonic() - t
 
     # Novelty: of the samples themselves (it is about the generator, whatever the size served).
     t = time.monotonic()
@@ -355,12 +421,13 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
         "feature_protocol": {name: load_space(name, device=cfg.device, batch_size=cfg.batch_size).protocol
                              for name in ("inception", *cfg.novelty_spaces)},
         "config": asdict(cfg), "scored_at": scored_at(cfg, res, upscaler),
-        "quality": quality, "real_vs_real_floor": floor, "per_city": cities, "novelty": novelty or None,
+        "quality": quality, "gated": gated, "real_vs_real_floor": floor, "per_city": cities,
+        "novelty": novelty or None,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Scores(figures=figures, images=images, classes=classes, nearest=nearest,
-                  holdout_similarity=holdout_similarity)
+                  holdout_similarity=holdout_similarity, gated_images=gated_images)
 
 
 def scored_at(cfg: ScoringConfig, res: tuple[int, int], upscaler: str | None = None) -> str:

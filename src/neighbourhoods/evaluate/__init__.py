@@ -66,9 +66,21 @@ def describe(result: dict) -> str:
     if q.get("near_duplicates") is not None:
         lines.append(f"  within-city near-duplicates {q['near_duplicates'] * 100:.1f}% of same-city sample pairs "
                      "(the real photos' own: 1%)")
+    gated = result.get("gated")
+    if gated:
+        gate = f"realism gate at quantile {gated['realism_quantile']:g}" if gated["realism_quantile"] else "no realism gate"
+        lines.append(f"  as served (novelty guard, {gate}): {_quality_line(gated)}")
+        lines.append(f"    accepted at the first seed {gated['accepted_share'] * 100:.1f}% ({gated['replaced']} replaced"
+                     + (f", {gated['below_gate']} served below the gate: no attempt passed" if gated["below_gate"] else "")
+                     + ")" + (f"; within-city diversity {gated['within_city_diversity']:.2f}, near-duplicates "
+                              f"{gated['near_duplicates'] * 100:.1f}%" if gated.get("near_duplicates") is not None else ""))
     for city in result["per_city"]:
         diversity = f", diversity {city['diversity']:.2f}" if "diversity" in city else ""
         diversity += f", near-duplicates {city['near_duplicates'] * 100:.1f}%" if "near_duplicates" in city else ""
+        if "gated" in city:
+            g = city["gated"]
+            diversity += (f"; served: KID {_kid(g['kid'])}, {g['accepted_share'] * 100:.0f}% accepted, near-duplicates "
+                          f"{g['near_duplicates'] * 100:.1f}%")
         lines.append(f"  {city['city']}: KID {_kid(city['kid'])} "
                      f"({city['generated']} samples, {city['holdout']} held out{diversity})")
     for name, s in (n or {}).items():

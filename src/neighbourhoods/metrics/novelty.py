@@ -116,6 +116,10 @@ class NoveltyIndex:
         sims, rows = nearest(self.train_features, features)
         return sims, self.train_photo_ids[rows]
 
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Unit feature rows of images (uint8 N x H x W x 3) in the index's space."""
+        return normalise(self.extractor().extract(np.asarray(images)))
+
     def nearest(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cosine similarity, catalog id) of each image's nearest training photo; uint8 N x H x W x 3."""
         return self.nearest_to_features(self.extractor().extract(np.asarray(images)))

@@ -28,7 +28,8 @@ from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
 
 
 def build(workspace, run: str, config: ServeConfig | None = None, upscale: str | None = None,
-          novelty: bool = True, guard_device: str = "cpu", snapshot: str = "best") -> Thumbnails:
+          novelty: bool = True, guard_device: str = "cpu", snapshot: str = "best",
+          realism_quantile: float | None = None) -> Thumbnails:
     """Load the generator (safetensors via runs.load_generator, or an exported .pt2), guard and upscaler."""
     config = config or ServeConfig()
     if config.generator_workers is None:
@@ -39,7 +40,8 @@ def build(workspace, run: str, config: ServeConfig | None = None, upscale: str |
     if not is_replica(run):          # a replica runs onnxruntime, and must not even import torch
         import torch
         torch.set_num_threads(max(1, config.torch_threads))
-    source, guard, upscaler = load_pipeline(workspace, run, upscale, novelty, guard_device, snapshot=snapshot)
+    source, guard, upscaler = load_pipeline(workspace, run, upscale, novelty, guard_device, snapshot=snapshot,
+                                            realism_quantile=realism_quantile)
     return Thumbnails(source, upscaler, guard, config)
 
 
@@ -51,12 +53,12 @@ def serve_command(workspace, run: str) -> str:
 
 def serve(workspace, run: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           upscale: str | None = None, novelty: bool = True, log_level: str = "info", guard_device: str = "cpu",
-          snapshot: str = "best") -> None:
+          snapshot: str = "best", realism_quantile: float | None = None) -> None:
     """Run the HTTP server until interrupted."""
     import uvicorn
 
     thumbs = build(workspace, run, config, upscale=upscale, novelty=novelty, guard_device=guard_device,
-                   snapshot=snapshot)
+                   snapshot=snapshot, realism_quantile=realism_quantile)
     app = create_app(thumbs)
     guard = thumbs.guard.label if thumbs.guard is not None else "novelty guard off"
     guard += "; signed URLs only" if thumbs.config.url_key is not None else ""

@@ -151,7 +151,7 @@ class Thumbnails:
                                            thread_name_prefix="encode")
         self.model_tag = hashlib.sha256(
             f"{source.fingerprint}|{upscaler.fingerprint}|{PIPELINE_VERSION}|"
-            f"{'guard:%r:%d' % (guard.threshold, guard.max_attempts) if guard else 'noguard'}".encode()
+            f"{guard.tag if guard else 'noguard'}".encode()
         ).hexdigest()[:16]
 
     def _render(self, keys: list[tuple[int, int]]) -> list:

@@ -1,8 +1,11 @@
-"""The novelty guard: a generated sample must never be a near-copy of a training photo.
+"""The guard: a served sample is never a near-copy of a training photo, and passes for a photo.
 
 A sample whose nearest training photo (metrics.novelty) is more similar than the memorisation
 threshold is replaced by the sample of the next derived seed, so the replacement is as
 deterministic as the original: a request's bytes depend only on (city, seed) and the weights.
+The realism gate (realism.py), in the same feature space, replaces a sample less realistic
+than its city's threshold the same way; where no attempt passes it, the most realistic novel
+attempt is served (a near-copy never is).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.latents import MAX_SEED  # noqa: F401  (seeds: non-negative 63-bit integers)
 from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.thumbnails.realism import QUANTILE, Realism
 from neighbourhoods.thumbnails.source import Source
 
 
@@ -39,16 +43,55 @@ def derived_seed(seed: int, attempt: int) -> int:
 
 @dataclass
 class Guard:
-    """Drops samples whose nearest training photo is more similar than `threshold`."""
-    similarity: Callable[[np.ndarray], np.ndarray]   # N x H x W x 3 uint8 -> N max cosine similarities
+    """Drops samples whose nearest training photo is more similar than `threshold`, and (with
+    `realism`) samples less realistic than their class's threshold."""
+    embed: Callable[[np.ndarray], np.ndarray]        # N x H x W x 3 uint8 -> N x D unit features (the guard's space)
+    similarity: Callable[[np.ndarray], np.ndarray]   # features -> N nearest training photo's cosine similarity
     threshold: float                                 # memorisation threshold (similarity above it: a near-copy)
     max_attempts: int = 8                            # derived seeds tried before giving up
     label: str = ""
+    realism: Realism | None = None                   # the realism gate (None: off)
+
+    def image_similarity(self, images: np.ndarray) -> np.ndarray:
+        return self.similarity(self.embed(images))
+
+    @property
+    def tag(self) -> str:
+        """What decides which samples pass: part of every ETag (another gate, other bytes)."""
+        gate = "off" if self.realism is None else f"{self.realism.quantile!r}:{self.realism.thresholds.tobytes().hex()}"
+        return f"guard:{self.threshold!r}:{self.max_attempts}:realism:{gate}"
+
+
+def photo_classes(labels: np.ndarray, label_names: list[str], class_names: list[str], city_map) -> np.ndarray:
+    """Each photo's generator class (the class its city is drawn from; -1: a photo of no city)."""
+    draws = city_map.draws_from
+    lookup = np.array([class_names.index(draws[n]) if n in draws else -1 for n in label_names] + [-1])
+    return lookup[np.where(np.asarray(labels) >= 0, labels, len(label_names))]
+
+
+def calibrate_realism(ws, index, class_names: list[str], city_map, quantile: float = QUANTILE,
+                      progress: bool = True, device: str = "cpu") -> Realism | None:
+    """The realism gate of the novelty index's space for a generator's classes (None at quantile 0)."""
+    from neighbourhoods.core.prepared import load_label_names, load_split
+    from neighbourhoods.metrics.features import split_features
+    from neighbourhoods.thumbnails.realism import calibrate
+
+    if not quantile:
+        return None
+    if not 0 < quantile < 1:
+        raise NeighbourhoodsError(f"--realism-quantile must be in (0, 1), or 0 for no gate (got {quantile})")
+    names = load_label_names(ws)
+    train_classes = photo_classes(load_split(ws, index.res, "train").labels, names, class_names, city_map)
+    holdout, _, holdout_labels = split_features(ws, index.res, "holdout", index.space, progress=progress, device=device)
+    holdout = holdout / np.maximum(np.linalg.norm(holdout, axis=1, keepdims=True), 1e-12)
+    return calibrate(index.train_features, train_classes, holdout,
+                     photo_classes(holdout_labels, names, class_names, city_map), len(class_names), quantile=quantile)
 
 
 def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool = True,
-               device: str = "cpu") -> Guard:
-    """The novelty guard of metrics.novelty for this workspace (training photos at the generator's res).
+               device: str = "cpu", realism_quantile: float = QUANTILE) -> Guard:
+    """The novelty guard of metrics.novelty for this workspace (training photos at the generator's res),
+    with the realism gate calibrated at `realism_quantile` (0: off).
 
     The first call embeds every training and held-out photo (a progress bar; cached in
     WS/embeddings), later ones read the cache; `device` (cpu, cuda) runs that network.
@@ -60,47 +103,70 @@ def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool 
         index = novelty.load_index(ws, source.res, progress=progress, device=device)
     except NeighbourhoodsError as e:
         raise NeighbourhoodsError(f"novelty guard: {e} (or turn the guard off with --no-novelty-guard)") from None
-    return Guard(similarity=index.max_similarity, threshold=float(index.threshold),
-                 max_attempts=max_attempts, label=index.describe())
+    gate = calibrate_realism(ws, index, source.class_names, source.city_map, realism_quantile, progress, device)
+    label = index.describe() + ("" if gate is None else "; " + gate.describe())
+    return Guard(embed=index.features, similarity=lambda f: index.nearest_to_features(f)[0],
+                 threshold=float(index.threshold), max_attempts=max_attempts, label=label, realism=gate)
 
 
 @dataclass
 class Sample:
     image: np.ndarray       # H x W x 3 uint8 at the generator's resolution
     seed: int               # the requested seed
-    used_seed: int          # the seed actually sampled (differs when the guard replaced a near-copy)
+    used_seed: int          # the seed actually sampled (differs when the guard replaced a sample)
     similarity: float | None = None   # max cosine similarity to a training photo (None: guard off)
+    realism: float | None = None      # realism score (None: no realism gate)
+    passed: bool = True               # False: no attempt passed the realism gate; the most realistic novel one
 
 
 def render_samples(source: Source, class_indices: list[int], seeds: list[int],
                    guard: Guard | None = None) -> list[Sample]:
-    """Samples for (class, seed) pairs, replacing near-copies of training photos deterministically.
+    """Samples for (class, seed) pairs, replacing near-copies of training photos (and, with the
+    realism gate, unrealistic samples) deterministically.
 
     Each pair is tried with derived_seed(seed, 0), (seed, 1), ... until its sample passes the
     guard; attempts run batched across pairs, so a request's bytes never depend on its neighbours.
+    A pair whose every attempt is novel but none realistic enough gets its most realistic attempt.
     """
     n = len(class_indices)
     out: list[Sample | None] = [None] * n
+    fallback: dict[int, Sample] = {}    # per pair: its most realistic novel attempt so far
     todo = list(range(n))
     attempts = 1 if guard is None else guard.max_attempts
     for attempt in range(attempts):
         if not todo:
             break
         used = [derived_seed(seeds[i], attempt) for i in todo]
-        images = source.sample([class_indices[i] for i in todo], used)
+        classes = [class_indices[i] for i in todo]
+        images = source.sample(classes, used)
         if guard is None:
             for j, i in enumerate(todo):
                 out[i] = Sample(images[j], seeds[i], used[j])
             todo = []
             break
-        sims = np.asarray(guard.similarity(images), dtype=np.float64)
+        features = guard.embed(images)
+        sims = np.asarray(guard.similarity(features), dtype=np.float64)
+        if guard.realism is not None:
+            scores, real = guard.realism.passes(features, classes)
+        else:
+            scores, real = [None] * len(todo), np.ones(len(todo), bool)
         still = []
         for j, i in enumerate(todo):
-            if sims[j] <= guard.threshold:
-                out[i] = Sample(images[j], seeds[i], used[j], float(sims[j]))
+            realism = None if scores[j] is None else float(scores[j])
+            sample = Sample(images[j], seeds[i], used[j], float(sims[j]), realism)
+            if sims[j] > guard.threshold:
+                still.append(i)
+            elif real[j]:
+                out[i] = sample
             else:
+                if i not in fallback or realism > fallback[i].realism:
+                    fallback[i] = Sample(sample.image, sample.seed, sample.used_seed, sample.similarity, realism,
+                                         passed=False)
                 still.append(i)
         todo = still
+    for i in [i for i in todo if i in fallback]:
+        out[i] = fallback[i]
+    todo = [i for i in todo if i not in fallback]
     if todo:
         raise NoNovelSample(
             f"no novel sample for seed {seeds[todo[0]]} after {attempts} attempts: every one was closer "

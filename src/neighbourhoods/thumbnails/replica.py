@@ -4,7 +4,8 @@ no torch at all (a smaller, faster-starting process for the machines that only s
     OUT.onnx        the EMA generator: (z float32 N x z_dim, labels int64 N) -> uint8 N x H x W x 3
     OUT.json        class names, city map, resolution, z_dim, fingerprint, images seen, the files below
     OUT.guard.onnx  the novelty guard's EfficientNet-Lite0: float32 N x 3 x 224 x 224 in [0, 1] -> N x 1280
-    OUT.guard.npz   the guard's index: unit features of the training photos, their ids, the threshold
+    OUT.guard.npz   the guard's index: unit features of the training photos, their ids, the threshold,
+                    and the realism gate's reference sets, radii and thresholds (realism.py)
     OUT.sr.onnx     the ESPCN x2 upscaler, where the workspace had one
 
 A replica needs no workspace: everything it reads is in these files. Latents come from
@@ -24,8 +25,9 @@ from neighbourhoods.core.cities import CityMap
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.images import efficientnet_pixels
 from neighbourhoods.core.latents import latents
-from neighbourhoods.core.similarity import nearest
+from neighbourhoods.core.similarity import nearest, normalise
 from neighbourhoods.thumbnails.guard import Guard
+from neighbourhoods.thumbnails.realism import realism_from_arrays
 from neighbourhoods.thumbnails.source import SAMPLE_BATCH, Source
 from neighbourhoods.thumbnails.upscalers import SRUpscaler, get_upscaler
 
@@ -84,7 +86,7 @@ def guard_features(session, images: np.ndarray, space: str = "efficientnet") -> 
     return session.run(None, {"images": np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def load_replica_guard(path, max_attempts: int = 8) -> Guard:
+def load_replica_guard(path, max_attempts: int = 8, realism: bool = True) -> Guard:
     path = Path(path)
     meta = read_meta(path)
     net, index = sibling(path, ".guard.onnx"), sibling(path, ".guard.npz")
@@ -95,13 +97,15 @@ def load_replica_guard(path, max_attempts: int = 8) -> Guard:
     with np.load(index, allow_pickle=False) as z:
         train = z["features"].astype(np.float32)   # unit rows, as the eager index holds them
         threshold = float(z["threshold"])
+        gate = realism_from_arrays(train, z) if "realism_thresholds" in z.files and realism else None
 
-    def similarity(images: np.ndarray) -> np.ndarray:
-        return nearest(train, guard_features(session, images, meta["guard"]["space"]))[0]
+    def embed(images: np.ndarray) -> np.ndarray:
+        return normalise(guard_features(session, images, meta["guard"]["space"]))
 
-    return Guard(similarity=similarity, threshold=threshold, max_attempts=max_attempts,
-                 label=f"novelty guard (onnx): {meta['guard']['space']} features, {len(train)} training photos, "
-                       f"threshold {threshold:.4f}")
+    label = (f"novelty guard (onnx): {meta['guard']['space']} features, {len(train)} training photos, "
+             f"threshold {threshold:.4f}") + ("" if gate is None else "; " + gate.describe())
+    return Guard(embed=embed, similarity=lambda f: nearest(train, f)[0], threshold=threshold,
+                 max_attempts=max_attempts, label=label, realism=gate)
 
 
 def load_replica_upscaler(path, name: str | None = None):
