@@ -329,3 +329,64 @@ def test_the_website_path_trains_the_workspace_upscaler_once_on_its_training_pho
     assert meta["n_photos"] == 39                      # every kept photo (no holdout in this workspace)
     assert get_upscaler(None, workspace=ws).name == "espcn"
     assert ensure_sr(ws, progress=False, steps=3) is None   # once per workspace
+
+
+# --- distinct listings ----------------------------------------------------------------------------
+def _house_guard(source, house_of_seed: dict, max_attempts=4):
+    """A guard whose feature of a sample is its 'house' (one-hot; default: a house of its own per seed)
+    and whose distinct rule calls two samples of one house near-duplicates."""
+    from neighbourhoods.thumbnails.distinct import Distinct
+
+    drawn = {}
+
+    def sample(classes, seeds):
+        out = source.sample(classes, seeds)
+        drawn.update({im.tobytes(): s for im, s in zip(out, seeds)})
+        return out
+
+    def embed(imgs):
+        f = np.zeros((len(imgs), 4096))
+        for row, im in enumerate(imgs):
+            seed = drawn[im.tobytes()]
+            f[row, house_of_seed.get(seed, seed % 4093 + 3)] = 1.0
+        return f
+
+    guard = Guard(embed=embed, similarity=lambda f: np.zeros(len(f)), threshold=0.9, max_attempts=max_attempts,
+                  distinct=Distinct(thresholds=np.array([0.9]), phash_bits=0))
+    return Source(source.class_names, source.res, sample, source.fingerprint), guard
+
+
+def test_a_citys_listings_are_distinct_and_a_seed_gives_the_same_sample_whatever_came_first(source):
+    from neighbourhoods.core.cities import CityMatch
+    from neighbourhoods.thumbnails.distinct import Ledgers
+    from neighbourhoods.thumbnails.guard import render_listings
+
+    tracked, guard = _house_guard(source, {2: 0, 5: 0})     # seeds 2 and 5 draw one house
+    city = CityMatch(source.class_names[0], 0, source.class_names[0], False)
+    in_order = render_listings(tracked, city, list(range(8)), guard, Ledgers())
+    assert [s.used_seed for s in in_order][:5] == [0, 1, 2, 3, 4]
+    assert in_order[5].used_seed == derived_seed(5, 1) and in_order[5].distinct      # the later one is replaced
+    alone = render_listings(tracked, city, [5], guard, Ledgers())[0]                   # a fresh process, seed 5 first
+    assert alone.used_seed == in_order[5].used_seed and np.array_equal(alone.image, in_order[5].image)
+    # where no attempt is a house of its own, the least alike novel one is served, and says so
+    every = {derived_seed(5, a): 0 for a in range(4)} | {2: 0}
+    tracked, guard = _house_guard(source, every)
+    last = render_listings(tracked, city, list(range(6)), guard, Ledgers())[5]
+    assert not last.distinct
+
+
+def test_distinct_thresholds_come_from_each_citys_own_photo_pairs():
+    from neighbourhoods.thumbnails.distinct import Distinct, Ledger, calibrate_distinct
+
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)   # noqa: E731
+    tight = unit(np.ones(16) + 0.1 * rng.normal(size=(100, 16)))     # a city of look-alike photos
+    loose = unit(rng.normal(size=(100, 16)))
+    few = unit(rng.normal(size=(5, 16)))
+    gate = calibrate_distinct(np.concatenate([tight, loose, few]), np.repeat([0, 1, 2], [100, 100, 5]), 3)
+    assert gate.thresholds[0] > gate.thresholds[1]
+    assert gate.thresholds[2] == np.median(gate.thresholds[:2])     # too few photos: the cities' median
+    ledger = Ledger(start=0, features=[tight[0]], hashes=[0b1111])
+    assert Distinct(np.array([0.5]), phash_bits=6).duplicate(tight[1], 0xFFFF0000, ledger, 0)[0]   # by features
+    assert Distinct(np.array([1.1]), phash_bits=6).duplicate(loose[1], 0b1110, ledger, 0)[0]       # by hash
+    assert not Distinct(np.array([1.1]), phash_bits=6).duplicate(loose[1], 0xFFFF0000, ledger, 0)[0]

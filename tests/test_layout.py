@@ -17,8 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "neighbourhoods"
-COMMANDS = ("ingest", "cluster", "select", "train", "evaluate", "report", "generate", "serve", "sign", "export", "upscale",
-            "demo")
+COMMANDS = ("ingest", "cluster", "select", "train", "evaluate", "report", "generate", "publish", "serve", "sign", "export",
+            "upscale", "demo")
 
 # Runs in a child process so that it sees the package under `sys.argv[1]`, not the installed one.
 LINT = """

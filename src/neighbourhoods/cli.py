@@ -217,6 +217,36 @@ def _run_generate(args) -> None:
         print(describe(manifest, args.out))
 
 
+# --- publish --------------------------------------------------------------------------------
+def _add_publish(sub) -> None:
+    p = sub.add_parser("publish", help="a static set of N thumbnails per city that passed every gate, with a "
+                                       "manifest and a page (a website or CDN serves them with no model server)")
+    p.add_argument("--workspace", "-w", help="workspace folder (not needed for an .onnx replica)")
+    p.add_argument("--run", required=True, help="run name under WS/runs, a run folder, an exported .pt2 or an .onnx replica")
+    p.add_argument("-n", type=int, default=100, help="thumbnails per city (a second run with a larger n adds to the set)")
+    p.add_argument("--size", default="256x192", help="thumbnail size WxH, at most 1024 a side")
+    p.add_argument("--format", default="jpg", help="jpg, png or webp")
+    p.add_argument("--upscale", default=None, help="bicubic, lanczos, lanczos-sharp or espcn (default: the measured best)")
+    p.add_argument("--realism-quantile", type=float, default=None,
+                   help="the realism gate (default 0.2 of the held-out photos' realism; 0: off)")
+    p.add_argument("--out", required=True, help="output folder (kept and extended by later runs)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    _add_snapshot(p)
+    p.set_defaults(func=_run_publish)
+
+
+def _run_publish(args) -> None:
+    from neighbourhoods.publish import PublishConfig, describe, publish
+
+    cfg = PublishConfig(n=args.n, size=ThumbSize.parse(args.size), fmt=args.format, upscale=args.upscale,
+                        realism_quantile=args.realism_quantile, snapshot=args.snapshot)
+    manifest = publish(args.workspace, args.run, args.out, cfg, progress=not args.json)
+    if args.json:
+        _print_json(manifest)
+    else:
+        print(describe(manifest, args.out))
+
+
 # --- serve ----------------------------------------------------------------------------------
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve thumbnails over HTTP (gallery at /)")
@@ -452,7 +482,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_train(sub, full=command in (None, "train"))
     _add_evaluate(sub); _add_report(sub)
     _add_demo(sub)
-    _add_generate(sub); _add_serve(sub); _add_sign(sub); _add_export(sub); _add_upscale(sub)
+    _add_generate(sub); _add_publish(sub); _add_serve(sub); _add_sign(sub); _add_export(sub); _add_upscale(sub)
     return parser
 
 

@@ -138,7 +138,7 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     from neighbourhoods.metrics import novelty
     from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
     from neighbourhoods.thumbnails import replica
-    from neighbourhoods.thumbnails.guard import calibrate_realism
+    from neighbourhoods.thumbnails.guard import calibrate_listings, calibrate_realism
     from neighbourhoods.thumbnails.realism import realism_arrays
     from neighbourhoods.thumbnails.upscalers import SRUpscaler
 
@@ -165,9 +165,11 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     _onnx(Pooled().eval(), (torch.rand(2, 3, *guard_hw),), replica.sibling(out, ".guard.onnx"), ["images"],
           ["features"], {"images": {0: "n"}, "features": {0: "n"}})
     gate = calibrate_realism(ws, index, list(gen.class_names), gen.city_map, realism_quantile, progress=False)
+    apart = calibrate_listings(ws, index, list(gen.class_names), gen.city_map)
     with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=index.train_features.astype(np.float16), photo_ids=index.train_photo_ids,
-                 threshold=np.float64(index.threshold), **({} if gate is None else realism_arrays(gate)))
+                 threshold=np.float64(index.threshold), distinct_thresholds=apart.thresholds,
+                 **({} if gate is None else realism_arrays(gate)))
 
     upscaler = get_upscaler(None, workspace=ws.root, res=gen.res)
     upscale = None

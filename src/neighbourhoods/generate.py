@@ -6,35 +6,24 @@ through thumbnails/ (source, novelty guard, upscaler, encoder), so the bytes are
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from neighbourhoods.core.cities import slug
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.grid import save_grid
 from neighbourhoods.core.resolution import ThumbSize
 from neighbourhoods.core.workspace import atomic_write_bytes, atomic_write_json, make_folder
-from neighbourhoods.thumbnails.guard import check_seed, render_samples
+from neighbourhoods.thumbnails.distinct import BLOCK, Ledgers
+from neighbourhoods.thumbnails.guard import check_seed, render_listings
 from neighbourhoods.thumbnails.pipeline import load_pipeline
 from neighbourhoods.thumbnails.postprocess import encode, parse_format
 
 GRID_SAMPLES = 64   # thumbnails of a city shown in its grid.png (the first ones)
 GRID_COLUMNS = 8
-
-
-def slug(name: str, taken: set[str]) -> str:
-    """A file-system-safe folder name for a city, unique within `taken`."""
-    base = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    base = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()[:60] or "city"
-    out, k = base, 2
-    while out in taken:
-        out, k = f"{base}-{k}", k + 1
-    taken.add(out)
-    return out
 
 
 @dataclass
@@ -82,8 +71,11 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
                 {"threshold": guard.threshold, "max_attempts": guard.max_attempts},
                 "realism_gate": None if guard is None or guard.realism is None else
                 {"quantile": guard.realism.quantile, "classes": guard.realism.summary(source.class_names)},
+                "distinct_listings": None if guard is None or guard.distinct is None else
+                {"block": BLOCK, "thresholds": dict(zip(source.class_names, guard.distinct.thresholds.tolist()))},
                 "cities": {}}
     taken: set[str] = set()
+    ledgers = Ledgers(capacity=len(matches) * (len(seeds) // BLOCK + 2))
     # closed before an error propagates: the error is the last line printed, not a half bar
     with tqdm(total=len(matches) * len(seeds), unit="img", disable=not progress, desc="generate") as bar:
         for match in matches:
@@ -92,16 +84,16 @@ def generate(workspace, run: str, out_dir, config: GenerateConfig, progress: boo
             files, thumbs, replaced = [], [], 0
             for start in range(0, len(seeds), config.batch_size):
                 chunk = seeds[start:start + config.batch_size]
-                # a city drawn from a shared class samples seeds of its own (CityMatch.seed)
-                sampled = [match.seed(s) for s in chunk]
-                for seed, s in zip(chunk, render_samples(source, [match.class_index] * len(chunk), sampled, guard)):
+                # a city drawn from a shared class samples seeds of its own (CityMatch.seed); each
+                # listing is distinct from the seeds before it in its block (render_listings)
+                for seed, s in zip(chunk, render_listings(source, match, chunk, guard, ledgers)):
                     img = upscaler.resize(Image.fromarray(s.image), config.size)
                     rel = f"{folder}/{seed:06d}.{fmt}"
                     atomic_write_bytes(out / rel, encode(img, fmt))
                     if len(thumbs) < GRID_SAMPLES:
                         thumbs.append(img)
                     files.append({"seed": seed, "used_seed": s.used_seed, "file": rel, "similarity": s.similarity,
-                                  "realism": s.realism, "passed": s.passed})
+                                  "realism": s.realism, "passed": s.passed, "distinct": s.distinct})
                     replaced += s.used_seed != s.seed   # the guard swapped a near-copy or an unrealistic sample
                     bar.update(1)
             grid_rel = f"{folder}/grid.png"
@@ -123,8 +115,10 @@ def describe(manifest: dict, out_dir) -> str:
         guard = f"novelty guard on, {replaced} near-copies replaced; realism gate off"
     else:
         below = sum(not f.get("passed", True) for f in files)
+        alike = sum(not f.get("distinct", True) for f in files)
         guard = (f"novelty guard and realism gate on: {replaced} replaced"
-                 + (f", {below} served below the gate (no attempt passed)" if below else ""))
+                 + (f", {below} served below the gate (no attempt passed)" if below else "")
+                 + (f", {alike} one house with an earlier listing (no attempt was distinct)" if alike else ""))
     k = len(manifest["cities"])
     return (f"wrote {n} thumbnails ({manifest['size']} {manifest['format']}, upscale {manifest['upscale']}, "
             f"{guard}) for {k} {'city' if k == 1 else 'cities'} to {out_dir} "

@@ -292,9 +292,13 @@ def _city_summary(quality: dict, cities: list[dict]) -> None:
 def gate_samples(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_names: list[str],
                  city_map: CityMap | None, classes: np.ndarray, seeds: np.ndarray, cfg: ScoringConfig,
                  progress: bool = True) -> tuple[list, object]:
-    """The (class, seed) pairs as generate and serve give them: through the guard (novelty and
-    realism gate at cfg.realism_quantile), replaced seeds and all. (Samples, guard)."""
-    from neighbourhoods.thumbnails.guard import load_guard, render_samples
+    """The (class, seed) pairs as generate and serve give them: through the guard (novelty guard,
+    realism gate at cfg.realism_quantile, distinct listings: each class's seeds are its listings,
+    so a block's seeds before the first one asked for are drawn too), replaced seeds and all.
+    (Samples, guard)."""
+    from neighbourhoods.core.cities import CityMatch
+    from neighbourhoods.thumbnails.distinct import Ledgers
+    from neighbourhoods.thumbnails.guard import load_guard, render_listings
     from neighbourhoods.thumbnails.source import Source
 
     def sample(c, s):
@@ -305,9 +309,14 @@ def gate_samples(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, cl
     was_training = model.training
     model.eval()
     try:
-        out = []
-        for start in tqdm(range(0, len(classes), 256), desc="gating", unit="chunk", disable=not progress):
-            out += render_samples(source, classes[start:start + 256].tolist(), seeds[start:start + 256].tolist(), guard)
+        out: list = [None] * len(classes)
+        ledgers = Ledgers(capacity=10 ** 6)
+        for c in tqdm(np.unique(classes), desc="gating", unit="city", disable=not progress):
+            # each class as the city of its own name: its seeds are listings, distinct within their block
+            rows = np.flatnonzero(classes == c)
+            match = CityMatch(class_names[c], int(c), class_names[c], False)
+            for i, s in zip(rows, render_listings(source, match, seeds[rows].tolist(), guard, ledgers)):
+                out[i] = s
         return out, guard
     finally:
         model.train(was_training)
@@ -380,7 +389,8 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
             g_gated[replaced] = inception.extract(new, progress=progress, desc="inception of replacements")
         gated = {"realism_quantile": cfg.realism_quantile, "guard": guard.label,
                  "replaced": int(replaced.sum()), "accepted_share": float(1 - replaced.mean()),
-                 "below_gate": int(sum(not s.passed for s in samples)), **_quality(real_inc, g_gated, cfg)}
+                 "below_gate": int(sum(not s.passed for s in samples)),
+                 "not_distinct": int(sum(not s.distinct for s in samples)), **_quality(real_inc, g_gated, cfg)}
         gated_cities = _per_city(real, lut, usable, classes, g_gated, class_names, cfg)
         _city_summary(gated, gated_cities)
         by_name = {c["city"]: c for c in gated_cities}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -151,3 +152,14 @@ class CityMap:
         out = [self.class_names.index(self.draws_from[n]) if n in self.draws_from else any_city for n in label_names]
         out.append(any_city if any_city >= 0 else (0 if len(self.class_names) == 1 else -1))
         return np.array(out, dtype=np.int64)
+
+
+def slug(name: str, taken: set[str]) -> str:
+    """A file-system-safe folder name for a city, unique within `taken`."""
+    base = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    base = re.sub(r"[^A-Za-z0-9]+", "-", base).strip("-").lower()[:60] or "city"
+    out, k = base, 2
+    while out in taken:
+        out, k = f"{base}-{k}", k + 1
+    taken.add(out)
+    return out

@@ -72,6 +72,8 @@ def describe(result: dict) -> str:
         lines.append(f"  as served (novelty guard, {gate}): {_quality_line(gated)}")
         lines.append(f"    accepted at the first seed {gated['accepted_share'] * 100:.1f}% ({gated['replaced']} replaced"
                      + (f", {gated['below_gate']} served below the gate: no attempt passed" if gated["below_gate"] else "")
+                     + (f", {gated['not_distinct']} one house with an earlier listing: no attempt was distinct"
+                        if gated.get("not_distinct") else "")
                      + ")" + (f"; within-city diversity {gated['within_city_diversity']:.2f}, near-duplicates "
                               f"{gated['near_duplicates'] * 100:.1f}%" if gated.get("near_duplicates") is not None else ""))
     for city in result["per_city"]:

@@ -88,6 +88,7 @@ def create_app(thumbs: Thumbnails):
         return {"status": "ok", "model": source.label, "snapshot": source.snapshot, "images_seen": source.images_seen,
                 "generator_res": list(source.res), "cities": len(source.class_names),
                 "upscale": thumbs.upscaler.name, "novelty_guard": thumbs.guard is not None,
+                "realism_gate": thumbs.guard.realism.quantile if thumbs.guard and thumbs.guard.realism else None,
                 "signed_urls": cfg.url_key is not None, **memory(), **thumbs.stats()}
 
     @app.get("/cities", operation_id="cities", response_model=schema.Cities, **plain)
@@ -141,9 +142,8 @@ def create_app(thumbs: Thumbnails):
         if request.url.path + "?" + request.url.query != canonical:
             # the same image in another spelling: one URL per image, so CDNs cache it once
             return Response(status_code=308, headers={"Location": canonical, "Cache-Control": CACHE_CONTROL})
-        seed = seed_n
         # a city drawn from a shared class samples seeds of its own: no two cities share a house
-        ci, seed = match.class_index, match.seed(seed)
+        ci, seed = match.class_index, match.seed(seed_n)
         etag = thumbs.etag(ci, seed, wh, fmt)
         headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL,
                    "X-City-Drawn-From": quote(match.draws_from)}   # percent-encoded: headers are latin-1
@@ -152,7 +152,7 @@ def create_app(thumbs: Thumbnails):
         if _etag_matches(request.headers.get("if-none-match"), etag):
             return Response(status_code=304, headers=headers)
         try:
-            data = await thumbs.render(ci, seed, wh, fmt)
+            data = await thumbs.render(match, seed_n, wh, fmt)
         except Overloaded:
             return JSONResponse({"detail": "busy: too many thumbnails queued; retry shortly"}, status_code=503,
                                 headers={"Retry-After": "1", "Cache-Control": "no-store"})

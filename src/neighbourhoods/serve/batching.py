@@ -16,7 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from neighbourhoods.serve.config import ServeConfig
-from neighbourhoods.thumbnails.guard import Guard, NoNovelSample, render_samples
+from neighbourhoods.core.cities import CityMatch
+from neighbourhoods.thumbnails.distinct import Ledgers
+from neighbourhoods.thumbnails.guard import Guard, NoNovelSample, render_listings
 from neighbourhoods.thumbnails.postprocess import PIPELINE_VERSION, thumbnail
 from neighbourhoods.thumbnails.source import Source
 
@@ -145,6 +147,7 @@ class Thumbnails:
             sys.modules["torch"].set_num_threads(max(1, self.config.torch_threads))
         self.cache = ByteLRU(int(self.config.cache_mb * 2**20))
         self.samples = ByteLRU(int(self.config.sample_cache_mb * 2**20), size_of=lambda s: s.image.nbytes)
+        self.ledgers = Ledgers()   # each city's listings so far, per block of seeds (thumbnails/distinct.py)
         self.batcher = MicroBatcher(self._render, self.config.max_batch, self.config.max_wait_ms / 1000,
                                     self.config.max_queue, workers=self.config.generator_workers or 1)
         self._encoder = ThreadPoolExecutor(max_workers=max(1, self.config.encode_threads),
@@ -154,39 +157,49 @@ class Thumbnails:
             f"{guard.tag if guard else 'noguard'}".encode()
         ).hexdigest()[:16]
 
-    def _render(self, keys: list[tuple[int, int]]) -> list:
-        """Batched generator call (worker thread): keys (class, seed) -> Samples or exceptions."""
-        try:
-            return render_samples(self.source, [c for c, _ in keys], [s for _, s in keys], self.guard)
-        except NoNovelSample:
-            # one memorised seed must not fail its batch-mates: retry each alone
-            out = []
-            for k in keys:
-                try:
-                    out.append(render_samples(self.source, [k[0]], [k[1]], self.guard)[0])
-                except NoNovelSample as e:
-                    out.append(e)
-            return out
+    def _render(self, keys: list[tuple]) -> list:
+        """Batched generator call (worker thread): keys (city, class, draws_from, fallback, seed) ->
+        Samples or exceptions, city by city (render_listings: a listing is distinct from the seeds
+        before it in its block, whatever else was asked for)."""
+        out: list = [None] * len(keys)
+        by_city: dict[tuple, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_city.setdefault(key[:4], []).append(i)
+        for city, rows in by_city.items():
+            match = CityMatch(*city)
+            try:
+                for i, sample in zip(rows, render_listings(self.source, match, [keys[i][4] for i in rows],
+                                                           self.guard, self.ledgers)):
+                    out[i] = sample
+            except NoNovelSample:
+                # one memorised seed must not fail its batch-mates: retry each alone
+                for i in rows:
+                    try:
+                        out[i] = render_listings(self.source, match, [keys[i][4]], self.guard, self.ledgers)[0]
+                    except NoNovelSample as e:
+                        out[i] = e
+        return out
 
     def etag(self, class_index: int, seed: int, size: tuple[int, int], fmt: str) -> str:
         """Strong ETag from everything that determines the bytes (so a 304 needs no rendering)."""
         key = f"{self.model_tag}|{class_index}|{seed}|{size[0]}x{size[1]}|{fmt}"
         return '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
 
-    async def sample(self, class_index: int, seed: int):
-        key = (class_index, seed)
+    async def sample(self, match: CityMatch, seed: int):
+        """The sample of (city, listing seed) as served (the class and seed it is drawn with: match)."""
+        key = (match.city, match.class_index, match.draws_from, match.fallback, int(seed))
         s = self.samples.get(key)
         if s is None:
             s = await self.batcher.submit(key)
             self.samples.put(key, s)
         return s
 
-    async def render(self, class_index: int, seed: int, size: tuple[int, int], fmt: str) -> bytes:
-        key = (class_index, seed, size, fmt)
+    async def render(self, match: CityMatch, seed: int, size: tuple[int, int], fmt: str) -> bytes:
+        key = (match.city, match.class_index, int(seed), tuple(size), fmt)
         data = self.cache.get(key)
         if data is not None:
             return data
-        s = await self.sample(class_index, seed)
+        s = await self.sample(match, seed)
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(self._encoder, thumbnail, s.image, size, fmt, self.upscaler)
         self.cache.put(key, data)

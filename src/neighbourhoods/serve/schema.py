@@ -95,6 +95,7 @@ class Health(BaseModel):
     cities: int
     upscale: str
     novelty_guard: bool
+    realism_gate: float | None   # the realism gate's quantile (None: off)
     signed_urls: bool
 
 

@@ -19,6 +19,8 @@ import numpy as np
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.latents import MAX_SEED  # noqa: F401  (seeds: non-negative 63-bit integers)
 from neighbourhoods.core.workspace import open_workspace
+from neighbourhoods.core.cities import CityMatch
+from neighbourhoods.thumbnails.distinct import BLOCK, Distinct, Ledger, Ledgers, phash
 from neighbourhoods.thumbnails.realism import QUANTILE, Realism
 from neighbourhoods.thumbnails.source import Source
 
@@ -51,6 +53,7 @@ class Guard:
     max_attempts: int = 8                            # derived seeds tried before giving up
     label: str = ""
     realism: Realism | None = None                   # the realism gate (None: off)
+    distinct: Distinct | None = None                 # listings of a city distinct from one another (None: off)
 
     def image_similarity(self, images: np.ndarray) -> np.ndarray:
         return self.similarity(self.embed(images))
@@ -59,7 +62,8 @@ class Guard:
     def tag(self) -> str:
         """What decides which samples pass: part of every ETag (another gate, other bytes)."""
         gate = "off" if self.realism is None else f"{self.realism.quantile!r}:{self.realism.thresholds.tobytes().hex()}"
-        return f"guard:{self.threshold!r}:{self.max_attempts}:realism:{gate}"
+        distinct = "off" if self.distinct is None else f"{BLOCK}:{self.distinct.thresholds.tobytes().hex()}"
+        return f"guard:{self.threshold!r}:{self.max_attempts}:realism:{gate}:distinct:{distinct}"
 
 
 def photo_classes(labels: np.ndarray, label_names: list[str], class_names: list[str], city_map) -> np.ndarray:
@@ -88,10 +92,20 @@ def calibrate_realism(ws, index, class_names: list[str], city_map, quantile: flo
                      photo_classes(holdout_labels, names, class_names, city_map), len(class_names), quantile=quantile)
 
 
+def calibrate_listings(ws, index, class_names: list[str], city_map) -> Distinct:
+    """The near-duplicate thresholds of render_listings, from the training photos' same-city pairs."""
+    from neighbourhoods.core.prepared import load_label_names, load_split
+    from neighbourhoods.thumbnails.distinct import calibrate_distinct
+
+    classes = photo_classes(load_split(ws, index.res, "train").labels, load_label_names(ws), class_names, city_map)
+    return calibrate_distinct(index.train_features, classes, len(class_names))
+
+
 def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool = True,
-               device: str = "cpu", realism_quantile: float = QUANTILE) -> Guard:
+               device: str = "cpu", realism_quantile: float = QUANTILE, distinct: bool = True) -> Guard:
     """The novelty guard of metrics.novelty for this workspace (training photos at the generator's res),
-    with the realism gate calibrated at `realism_quantile` (0: off).
+    with the realism gate calibrated at `realism_quantile` (0: off) and, with `distinct`, the
+    rule that keeps a city's listings distinct (render_listings).
 
     The first call embeds every training and held-out photo (a progress bar; cached in
     WS/embeddings), later ones read the cache; `device` (cpu, cuda) runs that network.
@@ -104,9 +118,11 @@ def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool 
     except NeighbourhoodsError as e:
         raise NeighbourhoodsError(f"novelty guard: {e} (or turn the guard off with --no-novelty-guard)") from None
     gate = calibrate_realism(ws, index, source.class_names, source.city_map, realism_quantile, progress, device)
-    label = index.describe() + ("" if gate is None else "; " + gate.describe())
+    apart = calibrate_listings(ws, index, source.class_names, source.city_map) if distinct else None
+    label = index.describe() + "".join(f"; {x.describe()}" for x in (gate, apart) if x is not None)
     return Guard(embed=index.features, similarity=lambda f: index.nearest_to_features(f)[0],
-                 threshold=float(index.threshold), max_attempts=max_attempts, label=label, realism=gate)
+                 threshold=float(index.threshold), max_attempts=max_attempts, label=label, realism=gate,
+                 distinct=apart)
 
 
 @dataclass
@@ -117,6 +133,7 @@ class Sample:
     similarity: float | None = None   # max cosine similarity to a training photo (None: guard off)
     realism: float | None = None      # realism score (None: no realism gate)
     passed: bool = True               # False: no attempt passed the realism gate; the most realistic novel one
+    distinct: bool = True             # False: every novel attempt was one house with an earlier listing's
 
 
 def render_samples(source: Source, class_indices: list[int], seeds: list[int],
@@ -172,3 +189,81 @@ def render_samples(source: Source, class_indices: list[int], seeds: list[int],
             f"no novel sample for seed {seeds[todo[0]]} after {attempts} attempts: every one was closer "
             f"to a training photo than the memorisation threshold; the generator memorises, retrain it")
     return out  # type: ignore[return-value]
+
+
+def render_listings(source: Source, match: CityMatch, seeds: list[int], guard: Guard | None,
+                    ledgers: Ledgers) -> list[Sample]:
+    """The samples of a city's listing seeds, each also distinct from the seeds before it in its
+    block (distinct.py); without a guard or its `distinct`, render_samples. A seed's sample
+    depends only on (city, seed) and the weights: its block is filled in seed order first."""
+    if guard is None or guard.distinct is None:
+        return render_samples(source, [match.class_index] * len(seeds), [match.seed(s) for s in seeds], guard)
+    out = []
+    for seed in seeds:
+        ledger = ledgers.get(match.city, seed)
+        with ledger.lock:
+            if ledger.next_seed <= seed:
+                fill_ledger(source, match, ledger, seed, guard)
+            sample = ledger.samples[seed - ledger.start]
+        if isinstance(sample, NoNovelSample):
+            raise sample
+        out.append(sample)
+    return out
+
+
+def fill_ledger(source: Source, match: CityMatch, ledger: Ledger, upto: int, guard: Guard, chunk: int = 64) -> None:
+    """Extend `ledger` to seed `upto` (nothing if it is there): first attempts drawn in batches,
+    then judged in seed order."""
+    cls = match.class_index
+    while ledger.next_seed <= upto:
+        seeds = list(range(ledger.next_seed, min(upto + 1, ledger.next_seed + chunk)))
+        sampled = [match.seed(s) for s in seeds]
+        first = _judge(source, cls, sampled, guard)
+        for j, seed in enumerate(seeds):
+            try:
+                sample, feature, hash_ = _first_distinct(source, cls, seed, sampled[j], guard, ledger,
+                                                         first=tuple(x[j] for x in first))
+            except NoNovelSample as e:   # this seed has no sample; the seeds after it still do
+                sample, feature, hash_ = e, None, None
+            ledger.samples.append(sample)
+            ledger.features.append(feature)
+            ledger.hashes.append(hash_)
+
+
+def _judge(source: Source, cls: int, used: list[int], guard: Guard):
+    """(images, unit features, similarities, realism scores or Nones, realistic enough) of samples."""
+    images = source.sample([cls] * len(used), used)
+    features = guard.embed(images)
+    sims = np.asarray(guard.similarity(features), dtype=np.float64)
+    if guard.realism is not None:
+        scores, real = guard.realism.passes(features, [cls] * len(used))
+    else:
+        scores, real = [None] * len(used), np.ones(len(used), bool)
+    return images, features, sims, scores, real
+
+
+def _first_distinct(source: Source, cls: int, seed: int, sampled: int, guard: Guard, ledger: Ledger,
+                    first) -> tuple[Sample, np.ndarray, int]:
+    """The first attempt that is novel, realistic and one house with no sample in `ledger`; where
+    none of guard.max_attempts is, the best novel one (distinct first, then realistic, then least
+    alike); NoNovelSample where every attempt is a near-copy."""
+    best, best_key = None, None
+    for attempt in range(guard.max_attempts):
+        used = derived_seed(sampled, attempt)
+        image, feature, sim, score, real = first if attempt == 0 else (x[0] for x in _judge(source, cls, [used], guard))
+        if sim > guard.threshold:
+            continue
+        hash_ = phash(image)
+        dup, alike = guard.distinct.duplicate(feature, hash_, ledger, cls)
+        realism = None if score is None else float(score)
+        sample = Sample(image, sampled, used, float(sim), realism, passed=bool(real), distinct=not dup)
+        if real and not dup:
+            return sample, feature, hash_
+        key = (not dup, bool(real), -alike)
+        if best_key is None or key > best_key:
+            best, best_key = (sample, feature, hash_), key
+    if best is None:
+        raise NoNovelSample(
+            f"no novel sample for seed {seed} after {guard.max_attempts} attempts: every one was closer "
+            f"to a training photo than the memorisation threshold; the generator memorises, retrain it")
+    return best

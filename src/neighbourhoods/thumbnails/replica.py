@@ -5,7 +5,8 @@ no torch at all (a smaller, faster-starting process for the machines that only s
     OUT.json        class names, city map, resolution, z_dim, fingerprint, images seen, the files below
     OUT.guard.onnx  the novelty guard's EfficientNet-Lite0: float32 N x 3 x 224 x 224 in [0, 1] -> N x 1280
     OUT.guard.npz   the guard's index: unit features of the training photos, their ids, the threshold,
-                    and the realism gate's reference sets, radii and thresholds (realism.py)
+                    the realism gate's reference sets, radii and thresholds (realism.py), and the
+                    thresholds that keep a city's listings distinct (distinct.py)
     OUT.sr.onnx     the ESPCN x2 upscaler, where the workspace had one
 
 A replica needs no workspace: everything it reads is in these files. Latents come from
@@ -26,6 +27,7 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.images import efficientnet_pixels
 from neighbourhoods.core.latents import latents
 from neighbourhoods.core.similarity import nearest, normalise
+from neighbourhoods.thumbnails.distinct import Distinct
 from neighbourhoods.thumbnails.guard import Guard
 from neighbourhoods.thumbnails.realism import realism_from_arrays
 from neighbourhoods.thumbnails.source import SAMPLE_BATCH, Source
@@ -98,14 +100,15 @@ def load_replica_guard(path, max_attempts: int = 8, realism: bool = True) -> Gua
         train = z["features"].astype(np.float32)   # unit rows, as the eager index holds them
         threshold = float(z["threshold"])
         gate = realism_from_arrays(train, z) if "realism_thresholds" in z.files and realism else None
+        apart = Distinct(thresholds=z["distinct_thresholds"]) if "distinct_thresholds" in z.files else None
 
     def embed(images: np.ndarray) -> np.ndarray:
         return normalise(guard_features(session, images, meta["guard"]["space"]))
 
     label = (f"novelty guard (onnx): {meta['guard']['space']} features, {len(train)} training photos, "
-             f"threshold {threshold:.4f}") + ("" if gate is None else "; " + gate.describe())
+             f"threshold {threshold:.4f}") + "".join(f"; {x.describe()}" for x in (gate, apart) if x is not None)
     return Guard(embed=embed, similarity=lambda f: nearest(train, f)[0], threshold=threshold,
-                 max_attempts=max_attempts, label=label, realism=gate)
+                 max_attempts=max_attempts, label=label, realism=gate, distinct=apart)
 
 
 def load_replica_upscaler(path, name: str | None = None):
