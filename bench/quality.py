@@ -104,6 +104,10 @@ def evaluate_command(ws_root: Path, run_dir: Path, config: ScoringConfig) -> str
         parts += ["--size", f"{config.size[0]}x{config.size[1]}"]
     if config.upscale is not None:
         parts += ["--upscale", shlex.quote(config.upscale)]
+    if not config.gated:
+        parts += ["--no-gate"]
+    elif config.realism_quantile != default.realism_quantile:
+        parts += ["--realism-quantile", str(config.realism_quantile)]
     return " ".join(parts)
 
 
@@ -119,6 +123,7 @@ def summary(result: dict, ws_root: Path, run_dir: Path, config: ScoringConfig) -
                           "near_duplicates": c.get("near_duplicates")}
                          for c in result["per_city"]],
             "real_vs_real_floor": result["real_vs_real_floor"], "scored_at": result["scored_at"],
+            "gated": result.get("gated"),
             "metrics": result.get("path"), "evaluate_command": evaluate_command(ws_root, run_dir, config)}
 
 
@@ -138,7 +143,8 @@ def score_run(ws_root: Path, run_dir: Path, top_cities: list[str], grid_path: Pa
     at_size = None
     if served is not None:
         # the same samples as thumbnails; their novelty is the samples' (above), not computed again
-        served_config = replace(config, size=tuple(served), novelty_spaces=())
+        # and the set as generate and serve give it (guard, realism gate, distinct listings) beside it
+        served_config = replace(config, size=tuple(served), novelty_spaces=(), gated=True)
         served_result = scoring.score_run(ws, run_dir, served_config)
         size = tuple(served)
         grid_thumbs, upscale = served_thumbnails(ws, gen.res, grid, (256, 192) if size[0] * 3 == size[1] * 4 else size,

@@ -332,7 +332,7 @@ def test_the_website_path_trains_the_workspace_upscaler_once_on_its_training_pho
 
 
 # --- distinct listings ----------------------------------------------------------------------------
-def _house_guard(source, house_of_seed: dict, max_attempts=4):
+def _house_guard(source, house_of_seed: dict, max_attempts=4, copies=()):
     """A guard whose feature of a sample is its 'house' (one-hot; default: a house of its own per seed)
     and whose distinct rule calls two samples of one house near-duplicates."""
     from neighbourhoods.thumbnails.distinct import Distinct
@@ -345,13 +345,14 @@ def _house_guard(source, house_of_seed: dict, max_attempts=4):
         return out
 
     def embed(imgs):
-        f = np.zeros((len(imgs), 4096))
+        f = np.zeros((len(imgs), 4097))
         for row, im in enumerate(imgs):
             seed = drawn[im.tobytes()]
             f[row, house_of_seed.get(seed, seed % 4093 + 3)] = 1.0
+            f[row, -1] = seed in copies      # the last column: a near-copy of a training photo
         return f
 
-    guard = Guard(embed=embed, similarity=lambda f: np.zeros(len(f)), threshold=0.9, max_attempts=max_attempts,
+    guard = Guard(embed=embed, similarity=lambda f: f[:, -1], threshold=0.9, max_attempts=max_attempts,
                   distinct=Distinct(thresholds=np.array([0.9]), phash_bits=0))
     return Source(source.class_names, source.res, sample, source.fingerprint), guard
 
@@ -373,6 +374,12 @@ def test_a_citys_listings_are_distinct_and_a_seed_gives_the_same_sample_whatever
     tracked, guard = _house_guard(source, every)
     last = render_listings(tracked, city, list(range(6)), guard, Ledgers())[5]
     assert not last.distinct
+    # a seed whose every attempt is a near-copy has no sample; the seeds after it in its block still do
+    tracked, guard = _house_guard(source, {}, copies={derived_seed(3, a) for a in range(4)})
+    ledgers = Ledgers()
+    with pytest.raises(NoNovelSample):
+        render_listings(tracked, city, [3], guard, ledgers)
+    assert [s.used_seed for s in render_listings(tracked, city, [4, 5], guard, ledgers)] == [4, 5]
 
 
 def test_distinct_thresholds_come_from_each_citys_own_photo_pairs():

@@ -207,3 +207,4 @@ def test_evaluate_at_the_served_size_reproduces_the_bench_thumbnail_figures_exac
         (q["fid"], q["kid"]["mean"], q["precision"], q["recall"])
     assert served["real_vs_real_floor"] == result["real_vs_real_floor"]
     assert [c["kid_mean"] for c in served["per_city"]] == [c["kid"]["mean"] for c in result["per_city"]]
+    assert served["gated"] == result["gated"] and served["gated"]["replaced"] >= 0   # the set as served, beside

@@ -248,9 +248,17 @@ def _first_distinct(source: Source, cls: int, seed: int, sampled: int, guard: Gu
     none of guard.max_attempts is, the best novel one (distinct first, then realistic, then least
     alike); NoNovelSample where every attempt is a near-copy."""
     best, best_key = None, None
+    rest = None
     for attempt in range(guard.max_attempts):
         used = derived_seed(sampled, attempt)
-        image, feature, sim, score, real = first if attempt == 0 else (x[0] for x in _judge(source, cls, [used], guard))
+        if attempt == 0:
+            image, feature, sim, score, real = first
+        else:
+            # the first attempt failed: draw all the others at once (batched; the first that passes, in
+            # order, is served, as one at a time would give, since the ledger does not change meanwhile)
+            if rest is None:
+                rest = _judge(source, cls, [derived_seed(sampled, a) for a in range(1, guard.max_attempts)], guard)
+            image, feature, sim, score, real = (x[attempt - 1] for x in rest)
         if sim > guard.threshold:
             continue
         hash_ = phash(image)
