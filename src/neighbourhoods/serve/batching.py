@@ -15,8 +15,8 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from neighbourhoods.serve.config import ServeConfig
 from neighbourhoods.core.cities import CityMatch
+from neighbourhoods.serve.config import ServeConfig
 from neighbourhoods.thumbnails.distinct import Ledgers
 from neighbourhoods.thumbnails.guard import Guard, NoNovelSample, render_listings
 from neighbourhoods.thumbnails.postprocess import PIPELINE_VERSION, thumbnail

@@ -50,7 +50,7 @@ class Distinct:
     thresholds: np.ndarray
     phash_bits: int = PHASH_BITS
 
-    def duplicate(self, feature: np.ndarray, hash_: int, ledger: "Ledger", cls: int) -> tuple[bool, float]:
+    def duplicate(self, feature: np.ndarray, hash_: int, ledger: Ledger, cls: int) -> tuple[bool, float]:
         """(is `feature`/`hash_` one house with a sample already in `ledger`, its largest similarity there)."""
         kept = [f for f in ledger.features if f is not None]   # a seed with no sample (None) holds no house
         if not kept:

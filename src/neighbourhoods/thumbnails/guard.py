@@ -16,10 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+from neighbourhoods.core.cities import CityMatch
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.latents import MAX_SEED  # noqa: F401  (seeds: non-negative 63-bit integers)
 from neighbourhoods.core.workspace import open_workspace
-from neighbourhoods.core.cities import CityMatch
 from neighbourhoods.thumbnails.distinct import BLOCK, Distinct, Ledger, Ledgers, phash
 from neighbourhoods.thumbnails.realism import QUANTILE, Realism
 from neighbourhoods.thumbnails.source import Source
