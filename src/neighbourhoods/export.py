@@ -138,7 +138,8 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     from neighbourhoods.metrics import novelty
     from neighbourhoods.nets.efficientnet import efficientnet_pooled, load_efficientnet_lite0
     from neighbourhoods.thumbnails import replica
-    from neighbourhoods.thumbnails.guard import calibrate_listings, calibrate_realism
+    from neighbourhoods.thumbnails.distinct import calibrate_distinct
+    from neighbourhoods.thumbnails.guard import calibrate_realism, train_classes
     from neighbourhoods.thumbnails.realism import realism_arrays
     from neighbourhoods.thumbnails.upscalers import SRUpscaler
 
@@ -164,8 +165,9 @@ def export_onnx(workspace, run: str, out: Path, check_n: int = 8, snapshot: str 
     guard_hw = EFFICIENTNET_INPUT[index.space] or gen.res   # the space's input size (None: the samples')
     _onnx(Pooled().eval(), (torch.rand(2, 3, *guard_hw),), replica.sibling(out, ".guard.onnx"), ["images"],
           ["features"], {"images": {0: "n"}, "features": {0: "n"}})
-    gate = calibrate_realism(ws, index, list(gen.class_names), gen.city_map, realism_quantile, progress=False)
-    apart = calibrate_listings(ws, index, list(gen.class_names), gen.city_map)
+    classes = train_classes(ws, index, list(gen.class_names), gen.city_map)
+    gate = calibrate_realism(ws, index, classes, list(gen.class_names), gen.city_map, realism_quantile, progress=False)
+    apart = calibrate_distinct(index.train_features, classes, len(gen.class_names))
     with atomic_path(replica.sibling(out, ".guard.npz")) as tmp, open(tmp, "wb") as f:
         np.savez(f, features=index.train_features.astype(np.float16), photo_ids=index.train_photo_ids,
                  threshold=np.float64(index.threshold), distinct_thresholds=apart.thresholds,

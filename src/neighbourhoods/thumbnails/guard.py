@@ -20,7 +20,7 @@ from neighbourhoods.core.cities import CityMatch
 from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.latents import MAX_SEED  # noqa: F401  (seeds: non-negative 63-bit integers)
 from neighbourhoods.core.workspace import open_workspace
-from neighbourhoods.thumbnails.distinct import BLOCK, Distinct, Ledger, Ledgers, phash
+from neighbourhoods.thumbnails.distinct import BLOCK, Distinct, Ledger, Ledgers, calibrate_distinct, phash
 from neighbourhoods.thumbnails.realism import QUANTILE, Realism
 from neighbourhoods.thumbnails.source import Source
 
@@ -73,10 +73,19 @@ def photo_classes(labels: np.ndarray, label_names: list[str], class_names: list[
     return lookup[np.where(np.asarray(labels) >= 0, labels, len(label_names))]
 
 
-def calibrate_realism(ws, index, class_names: list[str], city_map, quantile: float = QUANTILE,
-                      progress: bool = True, device: str = "cpu") -> Realism | None:
-    """The realism gate of the novelty index's space for a generator's classes (None at quantile 0)."""
+def train_classes(ws, index, class_names: list[str], city_map) -> np.ndarray:
+    """The generator class of each of the novelty index's training photos (its rows' order)."""
     from neighbourhoods.core.prepared import load_label_names, load_split
+
+    return photo_classes(load_split(ws, index.res, "train").labels, load_label_names(ws), class_names, city_map)
+
+
+def calibrate_realism(ws, index, classes: np.ndarray, class_names: list[str], city_map, quantile: float = QUANTILE,
+                      progress: bool = True, device: str = "cpu") -> Realism | None:
+    """The realism gate of the novelty index's space for a generator's classes (None at quantile 0);
+    `classes`: train_classes."""
+    from neighbourhoods.core.prepared import load_label_names
+    from neighbourhoods.core.similarity import normalise
     from neighbourhoods.metrics.features import split_features
     from neighbourhoods.thumbnails.realism import calibrate
 
@@ -84,21 +93,10 @@ def calibrate_realism(ws, index, class_names: list[str], city_map, quantile: flo
         return None
     if not 0 < quantile < 1:
         raise NeighbourhoodsError(f"--realism-quantile must be in (0, 1), or 0 for no gate (got {quantile})")
-    names = load_label_names(ws)
-    train_classes = photo_classes(load_split(ws, index.res, "train").labels, names, class_names, city_map)
     holdout, _, holdout_labels = split_features(ws, index.res, "holdout", index.space, progress=progress, device=device)
-    holdout = holdout / np.maximum(np.linalg.norm(holdout, axis=1, keepdims=True), 1e-12)
-    return calibrate(index.train_features, train_classes, holdout,
-                     photo_classes(holdout_labels, names, class_names, city_map), len(class_names), quantile=quantile)
-
-
-def calibrate_listings(ws, index, class_names: list[str], city_map) -> Distinct:
-    """The near-duplicate thresholds of render_listings, from the training photos' same-city pairs."""
-    from neighbourhoods.core.prepared import load_label_names, load_split
-    from neighbourhoods.thumbnails.distinct import calibrate_distinct
-
-    classes = photo_classes(load_split(ws, index.res, "train").labels, load_label_names(ws), class_names, city_map)
-    return calibrate_distinct(index.train_features, classes, len(class_names))
+    return calibrate(index.train_features, classes, normalise(holdout),
+                     photo_classes(holdout_labels, load_label_names(ws), class_names, city_map), len(class_names),
+                     quantile=quantile)
 
 
 def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool = True,
@@ -117,8 +115,10 @@ def load_guard(workspace, source: Source, max_attempts: int = 8, progress: bool 
         index = novelty.load_index(ws, source.res, progress=progress, device=device)
     except NeighbourhoodsError as e:
         raise NeighbourhoodsError(f"novelty guard: {e} (or turn the guard off with --no-novelty-guard)") from None
-    gate = calibrate_realism(ws, index, source.class_names, source.city_map, realism_quantile, progress, device)
-    apart = calibrate_listings(ws, index, source.class_names, source.city_map) if distinct else None
+    classes = train_classes(ws, index, source.class_names, source.city_map)   # read once for both
+    gate = calibrate_realism(ws, index, classes, source.class_names, source.city_map, realism_quantile, progress,
+                             device)
+    apart = calibrate_distinct(index.train_features, classes, len(source.class_names)) if distinct else None
     label = index.describe() + "".join(f"; {x.describe()}" for x in (gate, apart) if x is not None)
     return Guard(embed=index.features, similarity=lambda f: index.nearest_to_features(f)[0],
                  threshold=float(index.threshold), max_attempts=max_attempts, label=label, realism=gate,
