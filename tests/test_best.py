@@ -33,8 +33,7 @@ def toy_ws(tmp_path_factory):
 
 def tiny(**overrides) -> TrainConfig:
     cfg = TrainConfig(model="dcgan", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY,
-                      snapshot_every=16, sample_every=16, tick_every=8, kid_every=8, bn_stat_images=16,
-                      num_workers=0, progress=False)
+                      snapshot_every=16, sample_every=16, tick_every=8, kid_every=8,                       num_workers=0, progress=False)
     return replace(cfg, **overrides)
 
 

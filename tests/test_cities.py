@@ -69,7 +69,7 @@ def pooled_run(tmp_path_factory):
     ws = make_toy_workspace(tmp_path_factory.mktemp("cities"), res=((32, 32),))
     config = TrainConfig(model="dcgan", res=(32, 32), batch=8, kimg=0.016, min_city_photos=5, run="pooled",
                          model_kwargs=TINY_DCGAN, snapshot_every=8, sample_every=10_000, tick_every=8,
-                         bn_stat_images=16, num_workers=0, progress=False)
+                         num_workers=0, progress=False)
     train(ws, config)
     return ws, "pooled", config
 

@@ -29,8 +29,7 @@ def _config(**overrides) -> TrainConfig:
     """The run both sides train: 3 steps of batch 8 in total, whatever the number of processes."""
     values = dict(model="dcgan", res=(32, 32), batch=8, kimg=0.024, min_city_photos=5,
                   model_kwargs=TINY["dcgan"], augment="color,translation", mirror=True,
-                  snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=8,
-                  num_workers=0, progress=False)
+                  snapshot_every=16, sample_every=16, tick_every=8,                   num_workers=0, progress=False)
     return TrainConfig(**{**values, **overrides})
 
 

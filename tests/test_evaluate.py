@@ -185,15 +185,29 @@ def test_describe_prints_every_figure_of_the_evaluation(evaluation):
 
 
 def test_evaluate_scores_the_set_as_served_through_the_guard_beside_the_drawn_one(toy, evaluation):
-    cfg = ev.EvaluateConfig(n=12, kid_subsets=20, min_city_holdout=3, gated=True, novelty_spaces=(), floor=False)
+    cfg = ev.EvaluateConfig(n=12, kid_subsets=20, min_city_holdout=3, gated=True, novelty_spaces=("inception",),
+                            floor=False)
     result = ev.evaluate(toy.ws, toy.run, cfg, progress=False)
     drawn, served = result["quality"], result["gated"]
+    # memorised, of the set as served: the drawn set's figure where nothing was replaced
+    assert set(served["memorised"]) == {"inception"} and 0 <= served["memorised_any_space"] <= 1
+    assert served["memorised_any_space"] == served["memorised"]["inception"]
     assert drawn["kid"] == evaluation["quality"]["kid"]          # the drawn set is the plain evaluation's
     assert served["replaced"] == round((1 - served["accepted_share"]) * 12) > 0   # grey blobs: the gate swaps some
     assert served["realism_quantile"] == 0.2 and "realism gate" in served["guard"]
     assert served["kid"] != drawn["kid"]
     assert all("accepted_share" in c["gated"] for c in result["per_city"])
     assert "as served (novelty guard, realism gate at quantile 0.2)" in ev.describe(result)
+    # the sheet: per city (the 4 with most samples) held-out photos, drawn, served, rejected; 6 tiles a row
+    from PIL import Image
+
+    from neighbourhoods.scoring import SHEET_COLUMNS
+    with Image.open(result["sheet"]) as sheet:
+        assert result["sheet"].endswith("served.jpg") and sheet.format == "JPEG"
+        h, w = RES        # the samples' own size (no --size)
+        blocks, rest = divmod(sheet.height - 3, 4 * (h + 3))
+        assert rest == 0 and 1 <= blocks <= 4 and sheet.width > SHEET_COLUMNS * (w + 3)
+    assert f"sheet -> {result['sheet']}" in ev.describe(result)
     # toy town's grey blobs are one house to the listings rule too: it swaps samples with no realism gate
     cfg.realism_quantile = 0
     plain = ev.evaluate(toy.ws, toy.run, cfg, progress=False)["gated"]

@@ -80,6 +80,7 @@ def test_guard_replaces_a_near_copy_by_the_next_derived_seed(source):
     out = render_samples(source, [0, 0], [3, 4], guard)
     assert out[0].used_seed == 3
     assert out[1].used_seed == derived_seed(4, 1) != 4
+    assert (out[0].rejected, out[1].rejected) == ("", "near-copy")     # why the first attempt went
     assert np.array_equal(out[1].image, source.sample([0], [derived_seed(4, 1)])[0])
     again = render_samples(source, [0], [4], guard)[0]
     assert np.array_equal(again.image, out[1].image)
@@ -126,6 +127,7 @@ def test_realism_gate_replaces_an_unrealistic_sample_by_the_next_derived_seed(so
     out = render_samples(tracked, [0, 0], [3, 4], guard)
     assert [s.used_seed for s in out] == [3, derived_seed(4, 1)]
     assert all(s.passed for s in out) and out[1].realism == 1.0
+    assert [s.rejected for s in out] == ["", "below the realism gate"]
     again = render_samples(tracked, [0], [4], guard)[0]     # alone: the same replacement
     assert again.used_seed == out[1].used_seed and np.array_equal(again.image, out[1].image)
 
@@ -367,6 +369,7 @@ def test_a_citys_listings_are_distinct_and_a_seed_gives_the_same_sample_whatever
     in_order = render_listings(tracked, city, list(range(8)), guard, Ledgers())
     assert [s.used_seed for s in in_order][:5] == [0, 1, 2, 3, 4]
     assert in_order[5].used_seed == derived_seed(5, 1) and in_order[5].distinct      # the later one is replaced
+    assert in_order[5].rejected == "one house with an earlier listing" and not in_order[4].rejected
     alone = render_listings(tracked, city, [5], guard, Ledgers())[0]                   # a fresh process, seed 5 first
     assert alone.used_seed == in_order[5].used_seed and np.array_equal(alone.image, in_order[5].image)
     # where no attempt is a house of its own, the least alike novel one is served, and says so

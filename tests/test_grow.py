@@ -31,7 +31,7 @@ def ws(tmp_path_factory):
 
 def tiny(**overrides) -> TrainConfig:
     cfg = TrainConfig(model="projected", res=(32, 32), batch=8, kimg=0.016, min_city_photos=5, model_kwargs=TINY,
-                      snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=16, num_workers=0, progress=False, augment="color,translation,cutout",
+                      snapshot_every=16, sample_every=16, tick_every=8, num_workers=0, progress=False, augment="color,translation,cutout",
                       mirror=True, ema_kimg=0.01)
     return replace(cfg, **overrides)
 

@@ -35,7 +35,7 @@ def config(**overrides) -> TrainConfig:
     """A tiny projected run drawn on a 3-component layout prior, with the recipe's mode seeking."""
     cfg = TrainConfig(model="projected", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY,
                       layouts=3, augment="color,translation,cutout", mirror=True, ema_kimg=0.01, snapshot_every=16,
-                      sample_every=16, tick_every=8, bn_stat_images=16, progress=False)
+                      sample_every=16, tick_every=8, progress=False)
     return replace(cfg, **overrides)
 
 

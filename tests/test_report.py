@@ -82,12 +82,18 @@ def test_report_shows_the_thumbnails_figures_beside_the_samples(evaluated, tmp_p
     shutil.copytree(evaluated.run_dir, copy, ignore=shutil.ignore_patterns("eval", "report.html"))
     cfg = ScoringConfig(n=8, kid_subsets=5, min_city_holdout=3, novelty_spaces=("inception",))
     native = score_run(evaluated.ws, copy, cfg, progress=False)
-    served = score_run(evaluated.ws, copy, replace(cfg, size=(40, 30), upscale="lanczos", novelty_spaces=()),
-                       progress=False)
+    served = score_run(evaluated.ws, copy, replace(cfg, size=(40, 30), upscale="lanczos", novelty_spaces=(),
+                                                   gated=True), progress=False)
     text = report.build_report(evaluated.ws, str(copy))
     assert f"{native['quality']['fid']:.2f}" in text
     assert "As served" in text and "40x30 thumbnails (lanczos, jpg)" in text
     assert f"{served['quality']['fid']:.2f}" in text
+    # the set through the gates beside it, per city, and the sheet of what they let through and reject
+    gated = served["gated"]
+    assert "through the gates" in text and f"{gated['fid']:.2f}" in text
+    assert f"{gated['accepted_share'] * 100:.1f}%" in text
+    assert served["sheet"].endswith("served-40x30.jpg") and "data:image/jpeg;base64," in text
+    assert "Per city as served at 40x30" in text
 
 
 def test_training_kid_curve_is_drawn_when_logged(tmp_path):

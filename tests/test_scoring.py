@@ -150,7 +150,7 @@ def test_a_run_with_kid_every_logs_the_training_score_in_its_metrics(toy, monkey
     monkeypatch.setattr(train_loop, "KID_IMAGES", 8)   # the recipe's 300 samples cost a minute on one core
     run = train(toy.ws, TrainConfig(model="dcgan", res=RES, batch=8, kimg=0.016, min_city_photos=5, run="kid-curve",
                                     model_kwargs={"ngf": 8, "ndf": 8, "z_dim": 16, "g_embed": 4, "d_embed": 2},
-                                    kid_every=16, tick_every=8, snapshot_every=16, bn_stat_images=16, num_workers=0,
+                                    kid_every=16, tick_every=8, snapshot_every=16, num_workers=0,
                                     progress=False))
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "kid_train" not in lines[0] and lines[-1]["kid_train"] > 0 and lines[-1]["kid_train_std"] >= 0
@@ -207,4 +207,6 @@ def test_evaluate_at_the_served_size_reproduces_the_bench_thumbnail_figures_exac
         (q["fid"], q["kid"]["mean"], q["precision"], q["recall"])
     assert served["real_vs_real_floor"] == result["real_vs_real_floor"]
     assert [c["kid_mean"] for c in served["per_city"]] == [c["kid"]["mean"] for c in result["per_city"]]
-    assert served["gated"] == result["gated"] and served["gated"]["replaced"] >= 0   # the set as served, beside
+    # the set as served, beside (evaluate also scores its novelty, which the bench's served scoring leaves out)
+    gated = {k: v for k, v in result["gated"].items() if not k.startswith("memorised")}
+    assert served["gated"] == gated and served["gated"]["replaced"] >= 0

@@ -48,7 +48,7 @@ def toy_ws(tmp_path_factory) -> Path:
 def tiny(model="dcgan", **overrides) -> TrainConfig:
     """A config for a few steps: batch 8, checkpoints every 2 steps, quiet."""
     cfg = TrainConfig(model=model, res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY[model],
-                      snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=16, num_workers=1,
+                      snapshot_every=16, sample_every=16, tick_every=8, num_workers=1,
                       progress=False)
     return replace(cfg, **overrides)
 
@@ -154,6 +154,51 @@ def test_the_gpu_scale_rule_sets_batch_rates_and_ema_and_dry_run_prints_it(toy_w
         resolve_config(TrainConfig(device="cuda"))
 
 
+# --- the rate schedule -----------------------------------------------------------------------------
+def test_the_cosine_schedule_ends_at_a_quarter_of_the_rates_and_its_plan_is_written_in():
+    from neighbourhoods.train import schedule
+
+    assert schedule.lr_factor("constant", 10 ** 9) == 1.0
+    assert schedule.lr_factor("cosine", 500) == 1.0                     # a time budget not planned yet
+    assert schedule.lr_factor("cosine:1", 0) == 1.0
+    assert schedule.lr_factor("cosine:1", 500) == pytest.approx((1 + schedule.LR_FLOOR) / 2)
+    assert schedule.lr_factor("cosine:1", 1000) == schedule.lr_factor("cosine:1", 5000) == schedule.LR_FLOOR
+    assert schedule.planned("cosine", 150) == "cosine:150" and schedule.planned("cosine:20", 150) == "cosine:20"
+    assert schedule.planned("constant", 150) == "constant" and schedule.planned("cosine", None) == "cosine"
+    assert schedule.planned_images(3000, 1000, 10.0, 100.0) == 3000 + 200 * 100
+    for bad in ("linear", "cosine:0", "cosine:x", "constant:5", "cosine:inf", "cosine:-3"):
+        with pytest.raises(NeighbourhoodsError, match="--lr-schedule"):
+            schedule.parse(bad)
+
+
+def test_a_cosine_run_plans_for_its_kimg_and_its_rates_follow_the_schedule(toy_ws, capsys):
+    from neighbourhoods.train import schedule
+
+    run = train(toy_ws, tiny(run="cosine", lr_schedule="cosine", kimg=0.032))
+    config = json.loads((run / "config.json").read_text())
+    assert config["lr_schedule"] == "cosine:0.032"
+    _, state = runs.load_checkpoint(runs.latest_checkpoint(run)[0])
+    for opt, base in (("opt_g", config["lr_g"]), ("opt_d", config["lr_d"])):   # the last step ran at 24 images
+        assert state[opt]["param_groups"][0]["lr"] == pytest.approx(base * schedule.lr_factor("cosine:0.032", 24))
+    assert main(["train", "-w", str(toy_ws), "--res", "32x32", "--kimg", "150", "--lr-schedule", "cosine",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "learning rates: cosine over 150 kimg, G 0.001 -> 0.00025" in out and '"lr_schedule": "cosine:150"' in out
+    assert main(["train", "-w", str(toy_ws), "--lr-schedule", "linear", "--dry-run"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_time_budgeted_cosine_run_plans_by_its_rate_and_a_resume_keeps_the_plan(toy_ws, monkeypatch):
+    from neighbourhoods.train import schedule
+
+    monkeypatch.setattr(schedule, "PLAN_AFTER", 8)
+    run = train(toy_ws, tiny(run="cosine-time", lr_schedule="cosine", kimg=0.032, minutes=60))
+    # an hour at this rate buys far more than --kimg: the plan is --kimg, written into the run's schedule
+    assert json.loads((run / "config.json").read_text())["lr_schedule"] == "cosine:0.032"
+    train(toy_ws, tiny(run="cosine-time", lr_schedule="cosine", kimg=0.048, minutes=60, resume=True))
+    assert json.loads((run / "config.json").read_text())["lr_schedule"] == "cosine:0.032"
+
+
 def test_default_model_is_projected():
     assert TrainConfig().model == "projected"
 
@@ -164,8 +209,9 @@ class Killed(BaseException):
 
 
 def resume_config(model="dcgan", **overrides) -> TrainConfig:
-    # augmentation, flips and a short EMA exercise every piece of state that resume restores
-    return tiny(model, augment="color,translation,cutout", mirror=True, ema_kimg=0.01, **overrides)
+    # augmentation, flips, a short EMA and a rate schedule exercise every piece of state that resume restores
+    return tiny(model, augment="color,translation,cutout", mirror=True, ema_kimg=0.01, lr_schedule="cosine:0.04",
+                **overrides)
 
 
 @pytest.mark.parametrize("model", ["dcgan", "projected"])
@@ -249,7 +295,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_resumable_run(toy_ws, tmp_pat
 
     ready = tmp_path / "ready"
     cfg = dict(model="dcgan", res=(32, 32), batch=8, kimg=0.032, min_city_photos=5, model_kwargs=TINY["dcgan"],
-               snapshot_every=16, sample_every=16, tick_every=8, bn_stat_images=16, run="kill9", progress=False)
+               snapshot_every=16, sample_every=16, tick_every=8, run="kill9", progress=False)
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(toy_ws), str(ready), repr(cfg)])
     try:
         deadline = time.monotonic() + 120

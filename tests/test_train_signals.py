@@ -22,7 +22,7 @@ from neighbourhoods.models import runs
 KIMG = "0.048"
 FLAGS = ["--model", "projected", "--res", "32x32", "--batch", "8", "--min-city-photos", "5",
          "--model-kwargs", json.dumps(TINY["projected"]), "--snapshot-every", "16", "--sample-every", "16",
-         "--tick-every", "8", "--bn-stat-images", "16", "--threads", "1", "--quiet", "--no-upscaler"]
+         "--tick-every", "8", "--threads", "1", "--quiet", "--no-upscaler"]
 CLOCK_KEYS = ("time", "per_s", "sec", "wall")     # how fast, not what: differs run to run
 
 

@@ -31,7 +31,7 @@ def website_run(tmp_path_factory):
                                          model_kwargs={"z_dim": 16, "g_max_channels": 16, "g_min_channels": 8,
                                                        "d_head_width": 8},
                                          snapshot_every=32, sample_every=32, tick_every=16,
-                                         bn_stat_images=16, progress=False))
+                                         progress=False))
     yield root / "ws", run, summary
     torch.set_num_threads(before)
 

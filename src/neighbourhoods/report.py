@@ -50,6 +50,11 @@ def png_data_uri(image: np.ndarray | Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def jpeg_data_uri(path: str | Path) -> str:
+    """A JPEG file as it is (the served sheets are JPEG already)."""
+    return "data:image/jpeg;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
 def img_tag(image, alt: str, width: int | None = None, cls: str = "") -> str:
     w = f' width="{int(width)}"' if width else ""
     c = f' class="{cls}"' if cls else ""
@@ -380,8 +385,37 @@ def served_section(served: list[dict]) -> str:
                                                 for e in served])
     rows.append(["within-city diversity"] + [_num(e["quality"].get("within_city_diversity"), ".2f") for e in served])
     rows.append(["within-city near-duplicates"] + [_pct(e["quality"].get("near_duplicates")) for e in served])
+    if any(e.get("gated") for e in served):   # the same listings through the guard, as generate and serve give them
+        gated = [e.get("gated") or {} for e in served]
+        rows.append(["<b>through the gates</b> (novelty guard, realism gate, distinct listings)"]
+                    + [esc(g.get("guard", "not scored")) for g in gated])
+        for i, name in enumerate(["FID", "KID x1e-3", "precision", "recall"]):
+            rows.append([f"&nbsp;&nbsp;{name}"] + [quality_rows(g, None)[i][1] if g else "-" for g in gated])
+        rows.append(["&nbsp;&nbsp;within-city diversity"] + [_num(g.get("within_city_diversity"), ".2f") for g in gated])
+        rows.append(["&nbsp;&nbsp;within-city near-duplicates"] + [_pct(g.get("near_duplicates")) for g in gated])
+        rows.append(["&nbsp;&nbsp;served at the first seed"] + [_pct(g.get("accepted_share")) for g in gated])
+        rows.append(["&nbsp;&nbsp;memorised in any space"] + [_pct(g.get("memorised_any_space")) for g in gated])
+        rows.append(["&nbsp;&nbsp;served below the gate / one house with an earlier listing (no attempt passed)"]
+                    + [f"{g['below_gate']} / {g.get('not_distinct', 0)}" if g else "-" for g in gated])
+    per_city = ""
+    for e in served:   # the realism gate per city: how much of each city it lets through at the first seed
+        cities = [c for c in e.get("per_city", []) if "gated" in c]
+        if cities:
+            per_city += (f"<h3>Per city as served at {e['config']['size'][0]}x{e['config']['size'][1]}: as drawn and "
+                         "through the gates</h3>" + table(
+                             ["city", "KID drawn", "KID served", "near-dup. drawn", "near-dup. served",
+                              "served at the first seed"],
+                             [[esc(c["city"]), _kid(c["kid"]), _kid(c["gated"]["kid"]), _pct(c.get("near_duplicates")),
+                               _pct(c["gated"].get("near_duplicates")), _pct(c["gated"].get("accepted_share"))]
+                              for c in cities]))
+    sheets = [e for e in served if e.get("sheet") and Path(e["sheet"]).is_file()]
+    figures = "".join(f"<figure><img src='{jpeg_data_uri(e['sheet'])}' alt='the set as served' class='sheet'>"
+                      f"<figcaption>{e['config']['size'][0]}x{e['config']['size'][1]}: per city, held-out photos, "
+                      "samples as drawn, the same listings as served, and first attempts the guard rejected "
+                      "(with why)</figcaption></figure>" for e in sheets)
     return ("<h3>As served: thumbnails against the held-out photos cropped to the same size</h3>"
-            + table(["", *[f"{e['config']['size'][0]}x{e['config']['size'][1]}" for e in served]], rows))
+            + table(["", *[f"{e['config']['size'][0]}x{e['config']['size'][1]}" for e in served]], rows)
+            + per_city + figures)
 
 
 def metrics_section(evaluation: dict | None, ws: Workspace, run_name: str, gen=None, seeds: int = 8,
@@ -430,7 +464,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px 
 h1{margin-bottom:4px} h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:36px}
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
 th{background:#f4f4f4} .note{color:#777} .flag{color:#c00} figure{display:inline-block;margin:4px 8px;vertical-align:top}
-figcaption{text-align:center;font-size:13px;color:#555} img.grid{max-width:520px;height:auto}
+figcaption{text-align:center;font-size:13px;color:#555} img.grid{max-width:520px;height:auto} img.sheet{max-width:100%;height:auto}
 .progress{overflow-x:auto;white-space:nowrap} code{background:#f4f4f4;padding:1px 4px}
 """
 

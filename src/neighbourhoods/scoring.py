@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 from neighbourhoods.core.cities import CityMap
@@ -53,6 +53,7 @@ from neighbourhoods.metrics.features import SPACES, FeatureSpace, load_space, ph
 from neighbourhoods.metrics.novelty import NoveltyIndex, memorisation_rate
 from neighbourhoods.models import runs
 from neighbourhoods.models.runs import eval_dir
+from neighbourhoods.thumbnails.guard import BELOW_GATE, NEAR_COPY, SAME_HOUSE
 from neighbourhoods.thumbnails.realism import QUANTILE as REALISM_QUANTILE
 
 NOVELTY_FILE = "novelty.npz"
@@ -238,6 +239,70 @@ def real_side(ws: Workspace, res: tuple[int, int], cfg: ScoringConfig, progress:
                     floor=floor)
 
 
+# --- the sheet of the set as served -------------------------------------------------------------
+SHEET_CITIES, SHEET_COLUMNS = 4, 6   # the cities with the most samples; tiles per row
+SHORT = {NEAR_COPY: "near-copy of a photo", BELOW_GATE: "below the realism gate",
+         SAME_HOUSE: "same house as a listing before"}   # guard.Sample.rejected -> its caption
+
+
+def sheet_file(size: tuple[int, int] | None) -> str:
+    """served.jpg for the samples' own size; served-WxH.jpg for thumbnails at (W, H), beside metrics."""
+    return "served.jpg" if size is None else f"served-{size[0]}x{size[1]}.jpg"
+
+
+def _captioned(image: np.ndarray, caption: str) -> Image.Image:
+    tile = Image.fromarray(np.ascontiguousarray(image))
+    if caption:
+        draw = ImageDraw.Draw(tile)
+        draw.rectangle((0, tile.height - 14, tile.width, tile.height), fill=(0, 0, 0))
+        draw.text((3, tile.height - 13), caption, fill=(255, 255, 255))
+    return tile
+
+
+def served_sheet(ws: Workspace, res: tuple[int, int], drawn: np.ndarray, samples: list, classes: np.ndarray,
+                 holdout_class: np.ndarray, class_names: list[str], cfg: ScoringConfig) -> Image.Image:
+    """What the gates do, to look at: for each of the SHEET_CITIES cities with the most samples, four
+    rows of SHEET_COLUMNS at the scored size: held-out photos, the first samples as drawn, the same
+    listings as served (replacements captioned), and first attempts the guard rejected (with why)."""
+    from neighbourhoods.core.grid import grid
+
+    size = tuple(cfg.size) if cfg.size is not None else (res[1], res[0])
+    counts = np.bincount(classes, minlength=len(class_names))
+    picks = [int(c) for c in np.argsort(-counts, kind="stable")[:SHEET_CITIES] if counts[c]]
+    holdout_ids = load_split(ws, res, "holdout").photo_ids
+    blank = np.full((size[1], size[0], 3), 255, np.uint8)
+
+    def at_size(images: np.ndarray) -> np.ndarray:
+        if not len(images):
+            return images
+        if cfg.size is None:
+            return images
+        return served_thumbnails(ws, res, images, size, cfg.upscale, cfg.fmt, progress=False)[0]
+
+    def row(tiles: list) -> list:
+        return (tiles + [Image.fromarray(blank)] * SHEET_COLUMNS)[:SHEET_COLUMNS]
+
+    tiles, names = [], []
+    for c in picks:
+        mine = np.flatnonzero(classes == c)
+        shown = mine[:SHEET_COLUMNS]
+        rejected = [i for i in mine if samples[i].rejected][:SHEET_COLUMNS]
+        photos = holdout_ids[holdout_class == c][:SHEET_COLUMNS]
+        real = real_photos_at(ws, photos, size, progress=False) if len(photos) else []
+        served = at_size(np.stack([samples[i].image for i in shown]))
+        notes = ["" if samples[i].used_seed == samples[i].seed else
+                 "no attempt passed the gate" if not samples[i].passed else
+                 "no attempt was another house" if not samples[i].distinct else
+                 f"replaced: {SHORT[samples[i].rejected]}" for i in shown]
+        tiles += row([_captioned(im, "") for im in real])
+        tiles += row([_captioned(im, "") for im in at_size(drawn[shown])])
+        tiles += row([_captioned(im, note) for im, note in zip(served, notes)])
+        tiles += row([_captioned(im, SHORT[samples[i].rejected]) for im, i in zip(at_size(drawn[rejected]), rejected)])
+        n_rejected = sum(bool(samples[i].rejected) for i in mine)
+        names += [f"{class_names[c]}: held out", "  as drawn", "  as served", f"  rejected: {n_rejected}"]
+    return grid(tiles, SHEET_COLUMNS, pad=3, border=3, row_names=names)
+
+
 # --- the score ----------------------------------------------------------------------------------
 @dataclass
 class Scores:
@@ -246,7 +311,8 @@ class Scores:
     classes: np.ndarray            # each sample's class (its seed: config.seed + i)
     nearest: dict = field(default_factory=dict)   # space -> (similarity, photo id) of each sample's nearest train photo
     holdout_similarity: dict = field(default_factory=dict)   # space -> the held-out photos' (the calibration)
-    gated_images: np.ndarray | None = None   # config.gated: the samples as served (replacements in place)
+    gated_samples: list | None = None   # config.gated: the samples as served (guard.Sample, replacements in place)
+    sheet: Image.Image | None = None    # config.gated: the sheet of the set as drawn, as served and rejected
 
 
 def _kid(real: np.ndarray, gen: np.ndarray, cfg: ScoringConfig) -> dict:
@@ -375,7 +441,7 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
 
     # The gated set: the same pairs as generate and serve give them (guard.render_samples), scored
     # the same way beside the ungated one; only replaced samples need new features.
-    gated = gated_images = None
+    gated = samples = sheet = None
     if cfg.gated:
         t = time.monotonic()
         samples, guard = gate_samples(ws, res, model, class_names, city_map, classes, seeds, cfg, progress)
@@ -399,11 +465,14 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
                 cls = class_names.index(c["city"])
                 c["gated"] = {k: by_name[c["city"]][k] for k in ("kid", "diversity", "near_duplicates")}
                 c["gated"]["accepted_share"] = float(1 - replaced[classes == cls].mean())
+        if cfg.against == "holdout":
+            sheet = served_sheet(ws, res, images, samples, classes, holdout_class, class_names, cfg)
         timings["gated_s"] = time.monotonic() - t
 
     # Novelty: of the samples themselves (it is about the generator, whatever the size served).
     t = time.monotonic()
     novelty, nearest, holdout_similarity = {}, {}, {}
+    gated_flagged = np.zeros(cfg.n, dtype=bool)
     for name in cfg.novelty_spaces:
         space = load_space(name, device=cfg.device, batch_size=cfg.batch_size)
         if name not in native:
@@ -412,6 +481,14 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
                                    device=cfg.device, extractor=space)
         sims, ids = index.nearest_to_features(native[name])
         nearest[name], holdout_similarity[name] = (sims, ids), index.holdout_similarity
+        if gated is not None:   # the set as served: only its replaced samples need new features
+            features = native[name].copy()
+            if replaced.any():
+                features[replaced] = space.extract(gated_images[replaced], progress=progress,
+                                                   desc=f"{name} features of replacements")
+            gated_sims = index.nearest_to_features(features)[0]
+            gated.setdefault("memorised", {})[name] = memorisation_rate(gated_sims, index.threshold)
+            gated_flagged = gated_flagged | (gated_sims > index.threshold)
         novelty[name] = {"threshold": index.threshold, "memorisation_rate": memorisation_rate(sims, index.threshold),
                          "nearest_similarity_median": float(np.median(sims)),
                          "nearest_similarity_max": float(sims.max()),
@@ -422,6 +499,8 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
         for name, (sims, _) in nearest.items():
             flagged |= sims > novelty[name]["threshold"]
         novelty["either_space_rate"] = float(flagged.mean())
+        if gated is not None:
+            gated["memorised_any_space"] = float(gated_flagged.mean())
     timings["novelty_s"] = time.monotonic() - t
     timings["total_s"] = time.monotonic() - t0
 
@@ -437,7 +516,7 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Scores(figures=figures, images=images, classes=classes, nearest=nearest,
-                  holdout_similarity=holdout_similarity, gated_images=gated_images)
+                  holdout_similarity=holdout_similarity, gated_samples=samples, sheet=sheet)
 
 
 def scored_at(cfg: ScoringConfig, res: tuple[int, int], upscaler: str | None = None) -> str:
@@ -462,6 +541,10 @@ def score_run(workspace: Workspace | str, run: str | Path, config: ScoringConfig
         out_dir = eval_dir(run_dir, gen.images_seen)
         if scores.nearest:
             write_novelty_figure(out_dir / NOVELTY_FILE, scores, gen.class_names, cfg.figure_pairs)
+        if scores.sheet is not None:
+            with atomic_path(out_dir / sheet_file(cfg.size)) as tmp:
+                scores.sheet.save(tmp, format="JPEG", quality=90)
+            result["sheet"] = str(out_dir / sheet_file(cfg.size))
         result["path"] = str(out_dir / metrics_file(cfg.size))
         atomic_write_json(out_dir / metrics_file(cfg.size), result)
     return result

@@ -76,6 +76,12 @@ def describe(result: dict) -> str:
                         if gated.get("not_distinct") else "")
                      + ")" + (f"; within-city diversity {gated['within_city_diversity']:.2f}, near-duplicates "
                               f"{gated['near_duplicates'] * 100:.1f}%" if gated.get("near_duplicates") is not None else ""))
+        if gated.get("memorised_any_space") is not None:
+            lines.append(f"    memorised as served: {gated['memorised_any_space'] * 100:.1f}% in any space ("
+                         + ", ".join(f"{k} {v * 100:.1f}%" for k, v in gated["memorised"].items()) + ")")
+        if result.get("sheet"):
+            lines.append(f"    held-out photos, drawn, served and rejected samples of the largest cities: sheet -> "
+                         f"{result['sheet']}")
     for city in result["per_city"]:
         diversity = f", diversity {city['diversity']:.2f}" if "diversity" in city else ""
         diversity += f", near-duplicates {city['near_duplicates'] * 100:.1f}%" if "near_duplicates" in city else ""

@@ -134,6 +134,18 @@ class Sample:
     realism: float | None = None      # realism score (None: no realism gate)
     passed: bool = True               # False: no attempt passed the realism gate; the most realistic novel one
     distinct: bool = True             # False: every novel attempt was one house with an earlier listing's
+    rejected: str = ""                # why the first attempt was not served (NEAR_COPY, ...; "": it was)
+
+
+# Why a first attempt was replaced, as Sample.rejected says it (evaluate's sheet of rejected samples).
+NEAR_COPY, BELOW_GATE, SAME_HOUSE = "near-copy", "below the realism gate", "one house with an earlier listing"
+
+
+def rejection(similarity: float, realistic: bool, duplicate: bool, guard: Guard) -> str:
+    """Why an attempt fails the guard ("" where it passes), the first reason of three that applies."""
+    if similarity > guard.threshold:
+        return NEAR_COPY
+    return "" if realistic and not duplicate else (BELOW_GATE if not realistic else SAME_HOUSE)
 
 
 def render_samples(source: Source, class_indices: list[int], seeds: list[int],
@@ -148,6 +160,7 @@ def render_samples(source: Source, class_indices: list[int], seeds: list[int],
     n = len(class_indices)
     out: list[Sample | None] = [None] * n
     fallback: dict[int, Sample] = {}    # per pair: its most realistic novel attempt so far
+    first: dict[int, str] = {}          # per pair: why its first attempt was rejected
     todo = list(range(n))
     attempts = 1 if guard is None else guard.max_attempts
     for attempt in range(attempts):
@@ -170,7 +183,9 @@ def render_samples(source: Source, class_indices: list[int], seeds: list[int],
         still = []
         for j, i in enumerate(todo):
             realism = None if scores[j] is None else float(scores[j])
-            sample = Sample(images[j], seeds[i], used[j], float(sims[j]), realism)
+            if attempt == 0:
+                first[i] = rejection(float(sims[j]), bool(real[j]), False, guard)
+            sample = Sample(images[j], seeds[i], used[j], float(sims[j]), realism, rejected=first[i])
             if sims[j] > guard.threshold:
                 still.append(i)
             elif real[j]:
@@ -178,7 +193,7 @@ def render_samples(source: Source, class_indices: list[int], seeds: list[int],
             else:
                 if i not in fallback or realism > fallback[i].realism:
                     fallback[i] = Sample(sample.image, sample.seed, sample.used_seed, sample.similarity, realism,
-                                         passed=False)
+                                         passed=False, rejected=first[i])
                 still.append(i)
         todo = still
     for i in [i for i in todo if i in fallback]:
@@ -249,6 +264,7 @@ def _first_distinct(source: Source, cls: int, seed: int, sampled: int, guard: Gu
     alike); NoNovelSample where every attempt is a near-copy."""
     best, best_key = None, None
     rest = None
+    reason = ""     # why the first attempt was rejected
     for attempt in range(guard.max_attempts):
         used = derived_seed(sampled, attempt)
         if attempt == 0:
@@ -260,11 +276,15 @@ def _first_distinct(source: Source, cls: int, seed: int, sampled: int, guard: Gu
                 rest = _judge(source, cls, [derived_seed(sampled, a) for a in range(1, guard.max_attempts)], guard)
             image, feature, sim, score, real = (x[attempt - 1] for x in rest)
         if sim > guard.threshold:
+            reason = reason or NEAR_COPY    # (set at the first attempt only)
             continue
         hash_ = phash(image)
         dup, alike = guard.distinct.duplicate(feature, hash_, ledger, cls)
+        if attempt == 0:
+            reason = rejection(float(sim), bool(real), dup, guard)
         realism = None if score is None else float(score)
-        sample = Sample(image, sampled, used, float(sim), realism, passed=bool(real), distinct=not dup)
+        sample = Sample(image, sampled, used, float(sim), realism, passed=bool(real), distinct=not dup,
+                        rejected=reason)
         if real and not dup:
             return sample, feature, hash_
         key = (not dup, bool(real), -alike)

@@ -25,7 +25,7 @@ from neighbourhoods.core.errors import NeighbourhoodsError
 from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import Workspace
 from neighbourhoods.models.runs import read_config
-from neighbourhoods.train import scale
+from neighbourhoods.train import scale, schedule
 
 
 def option(default, help: str, *, flag: str | tuple[str, ...] | None = None, flag_help: str | None = None,
@@ -45,6 +45,7 @@ GROW_FADE_KIMG = 10.0    # a grown run's new top block fades in over this many t
 GRID_ROWS, GRID_SEEDS = 12, 8   # the progress grid: the cities with the most photos x fixed seeds
 MAX_ROLLBACKS = 3        # non-finite losses rolled back to the last checkpoint before giving up
 KID_IMAGES = 300         # samples per in-training KID estimate (kid_every)
+BN_STAT_IMAGES = 512     # before each snapshot, G_ema's BatchNorm statistics are re-estimated from this many samples
 
 # Options that were removed, and why: giving one is a one-line error that says so. Each can still
 # be run at commit 06f09c2; docs/experiments.md has its measurement. A run trained before whose
@@ -73,6 +74,7 @@ REMOVED = {
     "grid_rows": f"the progress grid is fixed at {GRID_ROWS} cities",
     "grid_seeds": f"the progress grid is fixed at {GRID_SEEDS} seeds",
     "max_rollbacks": f"fixed at {MAX_ROLLBACKS}",
+    "bn_stat_images": f"G_ema's BatchNorm statistics are re-estimated from a fixed {BN_STAT_IMAGES} samples",
 }
 # ...and the value at which a run written before trained as runs do now (None: whatever it was).
 REMOVED_OFF = {"spectral": 0.0, "lecam": 0.0, "feature_mmd": 0.0, "cond_start_kimg": None, "cond_full_kimg": None,
@@ -124,6 +126,11 @@ class TrainConfig:
     augment: str | None = option(None, 'DiffAugment policy for real and fake images before D, e.g. '
                                  '"color,translation,cutout"; "" = off (default: the model\'s recipe)')
     mirror: bool | None = option(None, "random left-right flips of the real photos (default: the model's recipe)")
+    lr_schedule: str | None = option(None, "the rates over the run: constant; cosine (down to a quarter over the "
+                                     "images planned: --kimg, or what a time budget buys at the rate measured after "
+                                     "the first 2,000 images); or cosine:KIMG, an explicit plan (a budget spread over "
+                                     "sittings); train/schedule.py (default: the model's recipe, else constant)",
+                                     metavar="SCHEDULE")
     ema_kimg: float | None = option(None, "half-life of the EMA of G in thousands of images; 0 = G_ema is a copy of G "
                                     "(default: the model's recipe, else 10)")
     seed: int = option(0, "seeds weights, data order, noise and augmentation")
@@ -151,8 +158,6 @@ class TrainConfig:
                             "kept as the run's best (checkpoints/best.json), which generate, serve, export, "
                             "evaluate and report use unless given --snapshot last; 0 = off (~20 s an estimate "
                             "at 96x128 on 2 CPU cores, ~3%% of a CPU run; the first also embeds the 2,000 photos once)")
-    bn_stat_images: int = option(512, "before each snapshot, G_ema's BatchNorm statistics are re-estimated from "
-                                 "this many samples (0 = keep G's)")
     keep_checkpoints: int = option(3, "most recent checkpoints kept on disk")
     num_workers: int | None = option(None, "background threads reading batches from the memory-mapped arrays "
                                      "(0 = inline; default: 1 on CUDA, 0 on a CPU, where a reader thread takes "
@@ -169,13 +174,13 @@ class TrainConfig:
 
 
 # Fields that define a run: on resume they come from the run's config.json, whatever is passed.
-RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "augment", "mirror", "ema_kimg", "seed", "min_city_photos",
+RUN_FIELDS = ("model", "res", "batch", "lr_g", "lr_d", "lr_schedule", "augment", "mirror", "ema_kimg", "seed", "min_city_photos",
               "mode_seeking", "layouts", "grow_from", "model_kwargs")
 # Where neither the caller nor the model's recipe sets a field.
 FALLBACK = {"batch": 64, "lr_g": 2e-4, "lr_d": 2e-4, "ema_kimg": 10.0, "augment": "", "mirror": False,
-            "mode_seeking": 0.0, "layouts": 0}
+            "mode_seeking": 0.0, "layouts": 0, "lr_schedule": "constant"}
 # Run fields added after runs were written without them: the value those runs trained with.
-LEGACY = {"mode_seeking": 0.0, "layouts": 0, "grow_from": None}
+LEGACY = {"mode_seeking": 0.0, "layouts": 0, "grow_from": None, "lr_schedule": "constant"}
 
 
 def resolve_config(config: TrainConfig) -> TrainConfig:
@@ -208,6 +213,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         raise NeighbourhoodsError("--kimg and --minutes must be positive")
     if cfg.kimg is None and cfg.minutes is None:
         raise NeighbourhoodsError("give --kimg or --minutes: training would never stop")
+    schedule.parse(cfg.lr_schedule)   # a one-line error where it is not one
     if cfg.mode_seeking < 0:
         raise NeighbourhoodsError(f"--mode-seeking must be >= 0 (got {cfg.mode_seeking})")
     if cfg.layouts < 0:
@@ -258,7 +264,9 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
             config = replace(config, layouts=source)
         cfg = resolve_config(replace(config, model_kwargs=kwargs))
         cfg.run = name
+        cfg.lr_schedule = schedule.planned(cfg.lr_schedule, cfg.kimg if cfg.minutes is None else None)
         notes = [f"scale rule ({scale.processes()} x {config.device}): {why}" for why in scale_rule(config)[1]]
+        notes.append(schedule.describe(cfg.lr_schedule, cfg.lr_g, cfg.lr_d))
         if config.gpu_hours is not None:
             notes.append(f"budget: {config.gpu_hours:g} GPU-hours = {cfg.minutes:g} minutes per process")
         return run_dir, cfg, notes

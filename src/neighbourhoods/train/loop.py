@@ -40,8 +40,9 @@ from neighbourhoods.models.runs import (
     save_best,
     save_checkpoint,
 )
-from neighbourhoods.train import grow
+from neighbourhoods.train import grow, schedule
 from neighbourhoods.train.config import (
+    BN_STAT_IMAGES,
     GROW_FADE_KIMG,
     KID_IMAGES,
     LAYOUT_WEIGHT,
@@ -167,8 +168,10 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                          workers, pin=device.type == "cuda")
     limit = math.inf if cfg.kimg is None else cfg.kimg * 1000
     stop_at = deadline(cfg)
+    if cfg.lr_schedule != "constant":
+        say(cfg, dd.main, schedule.describe(cfg.lr_schedule, cfg.lr_g, cfg.lr_d))
     bar, by_time = progress_bar(cfg, dd.main, run_dir.name, state.images_seen, limit)
-    started = time.monotonic()
+    started, tick_start = time.monotonic(), state.images_seen
     tick = Tick(images=state.images_seen)
     amp_dtype = autocast_dtype(cfg.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -183,8 +186,9 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
             labels = labels.to(device, non_blocking=True)
             z = torch.randn(run.batch_local, nets.G.z_dim, device=device)
 
-            # One step: D's update, G's update, G_ema towards G.
+            # One step at this point's rates: D's update, G's update, G_ema towards G.
             set_fade(nets, cfg, state.images_seen)
+            set_rates(nets, cfg, state.images_seen)
             terms = train_step(nets, loss, real=real, labels=labels, z=z, autocast=autocast,
                                ema=ema_beta(cfg, state.images_seen + cfg.batch))
 
@@ -230,6 +234,11 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                 bar.n = min(bar.total, round(time.monotonic() - started)) if by_time else min(after, int(limit))
                 bar.set_postfix(kimg=f"{after / 1000:.1f}", img_s=f"{tick.rate(after):.1f}",
                                 loss_d=f"{ld:.3f}", loss_g=f"{lg:.3f}", refresh=True)
+
+            # A time budget's plan, once its rate is known (and saved with the run, for resume).
+            if cfg.lr_schedule == "cosine" and after - tick_start >= schedule.PLAN_AFTER:
+                plan_the_budget(run, nets, after, tick_start, time.monotonic() - started, stop_at - time.monotonic(),
+                                limit)
 
             # Log, draw the grid and save a snapshot at their intervals (and at the end).
             done = after >= limit or stop > 0
@@ -321,6 +330,31 @@ def set_fade(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
             G.fade.fill_(fade)
 
 
+def set_rates(nets: Nets, cfg: TrainConfig, images_seen: int) -> None:
+    """Both optimizers' rates at this point of the run (train/schedule.py): a pure function of
+    images_seen and the run's schedule, so resume stays exact."""
+    factor = schedule.lr_factor(cfg.lr_schedule, images_seen)
+    for opt, base in ((nets.opt_g, cfg.lr_g), (nets.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = base * factor
+
+
+def plan_the_budget(run: Run, nets: Nets, images: int, images_at_start: int, seconds: float, seconds_left: float,
+                    limit: float) -> None:
+    """A time-budgeted run's plan (schedule.planned_images, at most its --kimg), the same on every
+    rank (rank 0's), written into its schedule and config.json, so a resumed run keeps it."""
+    plan = min(limit, schedule.planned_images(images, images_at_start, seconds, seconds_left))
+    if run.dd.world > 1:
+        value = torch.tensor([plan], dtype=torch.float64, device=run.device)
+        dist.broadcast(value, 0)
+        plan = float(value.item())
+    run.cfg.lr_schedule = schedule.planned(run.cfg.lr_schedule, round(plan / 1000, 3))
+    if run.dd.main:
+        atomic_write_json(run.run_dir / "config.json", run_config(run, nets))
+    say(run.cfg, run.dd.main, "planned by the rate so far: "
+        + schedule.describe(run.cfg.lr_schedule, run.cfg.lr_g, run.cfg.lr_d))
+
+
 def train_step(nets: Nets, loss: GANLoss, *, real: torch.Tensor, labels: torch.Tensor, z: torch.Tensor,
                autocast, ema: float) -> dict[str, torch.Tensor]:
     """One training step (the loop's, and bench/speed.py's): G draws the fakes once for both
@@ -361,7 +395,7 @@ def calibrate(run: Run, nets: Nets, state: TrainState) -> None:
     """Standing BatchNorm statistics for G_ema before it is saved or sampled (same on every rank)."""
     set_fade(nets, run.cfg, state.images_seen)
     if state.bn_calibrated_at != state.images_seen:
-        standing_bn_stats(nets.G_ema, run.data.class_weights, run.cfg.bn_stat_images, max(run.batch_local, 64),
+        standing_bn_stats(nets.G_ema, run.data.class_weights, BN_STAT_IMAGES, max(run.batch_local, 64),
                           seed=run.cfg.seed * 7919 + state.images_seen)
         state.bn_calibrated_at = state.images_seen
 
