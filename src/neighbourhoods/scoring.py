@@ -311,7 +311,6 @@ class Scores:
     classes: np.ndarray            # each sample's class (its seed: config.seed + i)
     nearest: dict = field(default_factory=dict)   # space -> (similarity, photo id) of each sample's nearest train photo
     holdout_similarity: dict = field(default_factory=dict)   # space -> the held-out photos' (the calibration)
-    gated_samples: list | None = None   # config.gated: the samples as served (guard.Sample, replacements in place)
     sheet: Image.Image | None = None    # config.gated: the sheet of the set as drawn, as served and rejected
 
 
@@ -516,7 +515,7 @@ def score(ws: Workspace, res: tuple[int, int], model: torch.nn.Module, class_nam
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return Scores(figures=figures, images=images, classes=classes, nearest=nearest,
-                  holdout_similarity=holdout_similarity, gated_samples=samples, sheet=sheet)
+                  holdout_similarity=holdout_similarity, sheet=sheet)
 
 
 def scored_at(cfg: ScoringConfig, res: tuple[int, int], upscaler: str | None = None) -> str:

@@ -171,7 +171,7 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
     if cfg.lr_schedule != "constant":
         say(cfg, dd.main, schedule.describe(cfg.lr_schedule, cfg.lr_g, cfg.lr_d))
     bar, by_time = progress_bar(cfg, dd.main, run_dir.name, state.images_seen, limit)
-    started, tick_start = time.monotonic(), state.images_seen
+    started, started_at = time.monotonic(), state.images_seen   # this call's start
     tick = Tick(images=state.images_seen)
     amp_dtype = autocast_dtype(cfg.amp, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
@@ -236,8 +236,8 @@ def training_loop(ws: Workspace, config: TrainConfig, dd: Dist) -> TrainResult:
                                 loss_d=f"{ld:.3f}", loss_g=f"{lg:.3f}", refresh=True)
 
             # A time budget's plan, once its rate is known (and saved with the run, for resume).
-            if cfg.lr_schedule == "cosine" and after - tick_start >= schedule.PLAN_AFTER:
-                plan_the_budget(run, nets, after, tick_start, time.monotonic() - started, stop_at - time.monotonic(),
+            if cfg.lr_schedule == "cosine" and after - started_at >= schedule.PLAN_AFTER:
+                plan_the_budget(run, nets, after, started_at, time.monotonic() - started, stop_at - time.monotonic(),
                                 limit)
 
             # Log, draw the grid and save a snapshot at their intervals (and at the end).
