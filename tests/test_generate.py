@@ -167,6 +167,28 @@ def test_realism_threshold_is_a_quantile_of_held_out_photos_and_small_cities_use
     assert gate.passes(other, [0] * 100)[1].mean() < 0.2
 
 
+def test_realism_gate_scores_as_the_metric_does_against_each_class_reference():
+    # the gate keeps the all-photos reference between calls; the scores stay the metric's, exactly
+    from neighbourhoods.metrics.scores import realism
+    from neighbourhoods.thumbnails.realism import calibrate
+
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(200, 16)).astype(np.float32)
+    real_classes = np.repeat([0, 1, -1], [120, 40, 40])     # class 1 and 2 are too small: all photos
+    gate = calibrate(real, real_classes, real[:90], real_classes[:90], num_classes=3, min_photos=50, min_holdout=20)
+    assert list(gate.own) == [True, False, False]
+    samples = rng.normal(size=(30, 16)).astype(np.float32)
+    classes = rng.integers(0, 3, 30)
+    for _ in range(2):
+        scores = gate.score(samples, classes)
+        for c in range(3):
+            rows = classes == c
+            expected = realism(real[gate.members[c]], gate.radii[c], samples[rows])
+            assert np.array_equal(scores[rows], expected)
+    with pytest.raises(NeighbourhoodsError, match="NaN"):
+        gate.score(np.full((1, 16), np.nan), [1])
+
+
 def test_real_guard_replaces_a_copy_of_a_training_photo(served_run, source):
     from neighbourhoods.core.prepared import load_split
     from neighbourhoods.core.workspace import open_workspace
@@ -383,6 +405,30 @@ def test_a_citys_listings_are_distinct_and_a_seed_gives_the_same_sample_whatever
     with pytest.raises(NoNovelSample):
         render_listings(tracked, city, [3], guard, ledgers)
     assert [s.used_seed for s in render_listings(tracked, city, [4, 5], guard, ledgers)] == [4, 5]
+
+
+def test_listings_asked_together_are_drawn_in_one_batch_per_block_and_match_one_at_a_time(source):
+    from neighbourhoods.core.cities import CityMatch
+    from neighbourhoods.thumbnails.distinct import BLOCK, Ledgers
+    from neighbourhoods.thumbnails.guard import render_listings
+
+    tracked, guard = _house_guard(source, {2: 0, 5: 0})
+    batches = []
+    sample = tracked.sample
+
+    def counted(classes, seeds):
+        batches.append(len(seeds))
+        return sample(classes, seeds)
+
+    tracked = Source(tracked.class_names, tracked.res, counted, tracked.fingerprint)
+    city = CityMatch(source.class_names[0], 0, source.class_names[0], False)
+    asked = [7, 3, 0, 40, BLOCK + 2]
+    together = render_listings(tracked, city, asked, guard, Ledgers())
+    # first attempts: seeds 0..40 in one batch, then BLOCK..BLOCK+2; 5's retries once (a house of 2's)
+    assert batches == [41, guard.max_attempts - 1, 3]
+    one_by_one = [render_listings(tracked, city, [s], guard, Ledgers())[0] for s in asked]
+    assert [s.used_seed for s in together] == [s.used_seed for s in one_by_one]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(together, one_by_one))
 
 
 def test_distinct_thresholds_come_from_each_citys_own_photo_pairs():

@@ -66,10 +66,10 @@ def test_cities_without_a_class_of_their_own_sample_the_shared_class():
     assert scoring.class_of_label(["A", "gone"], ["A", "B"]).tolist() == [0, -1, -1]
 
 
-def test_sample_i_has_seed_plus_i_with_cities_in_class_order():
-    classes, seeds = scoring.sample_plan(np.array([1, 1, 0, -1, 1, 1]), 3, n=5, seed=100)
-    assert classes.tolist() == [0, 1, 1, 1, 1]       # held-out photos of no class are left out
-    assert seeds.tolist() == [100, 101, 102, 103, 104]
+def test_a_citys_samples_are_its_first_listings_with_cities_in_class_order():
+    classes, seeds = scoring.sample_plan(np.array([1, 1, 0, -1, 1, 1, 2]), 3, n=6, seed=100)
+    assert classes.tolist() == [0, 1, 1, 1, 1, 2]     # held-out photos of no class are left out
+    assert seeds.tolist() == [100, 100, 101, 102, 103, 100]
 
 
 # --- the served path ----------------------------------------------------------------------------

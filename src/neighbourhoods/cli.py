@@ -413,7 +413,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--workspace", "-w", required=True, help="workspace folder")
     p.add_argument("--run", required=True, help="run name under WS/runs, or a run folder")
     p.add_argument("--n", type=int, default=2000, help="generated samples (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="a city's k samples use seeds seed .. seed + k - 1 (its first k listings)")
     p.add_argument("--min-city-holdout", type=int, default=25, help="per-city KID for cities with at least this many held-out photos")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--size", type=_arg(ThumbSize.parse), default=None, metavar="WxH",

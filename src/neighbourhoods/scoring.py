@@ -6,7 +6,8 @@ all score a generator through `score` here, so a figure of one is reproduced by 
 - which cities: the held-out split's proportions (`allocate`, largest remainder), each held-out
   photo's city mapped to the class the run draws it from through the run's city map (a city
   without a class of its own is drawn from "(any city)": `class_of_label`);
-- which seeds: sample i is (class i, seed + i), samples in class order;
+- which seeds: a class's k samples have seeds seed .. seed + k - 1 (its first k listings, as
+  `generate` draws them), samples in class order;
 - which size: the samples at the run's resolution, or (`size` W x H) the thumbnails as generate
   and serve make them (`served_thumbnails`: the upscaler, crop to fill, encoded, decoded again)
   against the held-out photos read from their files and cropped to fill that size
@@ -65,7 +66,7 @@ class ScoringConfig:
     against: str = "holdout"      # the real photos: "holdout", or "train" (a fixed draw of TRAIN_REFERENCE
                                   # training photos: the training curve, which picks the best snapshot, so
                                   # the held-out photos judge only the snapshot it picked)
-    seed: int = 0                 # sample i uses seed + i; also seeds KID's subsets and the floor's draw
+    seed: int = 0                 # a class's k samples use seed .. seed + k - 1; also KID's subsets, the floor's draw
     size: tuple[int, int] | None = None   # (W, H): score thumbnails as served at this size (None: the samples)
     upscale: str | None = None    # the upscaler of the served path (None: what generate and serve use)
     fmt: str = "jpg"              # the served encoding (decoded again before scoring)
@@ -121,10 +122,12 @@ def allocate(counts: np.ndarray, n: int) -> np.ndarray:
 
 def sample_plan(holdout_class: np.ndarray, n_classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(class, seed) of each of the n samples: classes in the proportions of `holdout_class`
-    (each held-out photo's class, -1 for none), in class order; sample i has seed + i."""
+    (each held-out photo's class, -1 for none), in class order; a class's k samples have seeds
+    seed .. seed + k - 1, its first k listings as generate gives them."""
     usable = holdout_class >= 0
     per_class = allocate(np.bincount(holdout_class[usable], minlength=n_classes), n)
-    return np.repeat(np.arange(n_classes), per_class), seed + np.arange(n, dtype=np.int64)
+    starts = np.repeat(np.cumsum(per_class) - per_class, per_class)
+    return np.repeat(np.arange(n_classes), per_class), seed + np.arange(n, dtype=np.int64) - starts
 
 
 def sample_images(model: torch.nn.Module, classes: np.ndarray, seeds: np.ndarray, progress: bool = True) -> np.ndarray:
@@ -308,7 +311,7 @@ def served_sheet(ws: Workspace, res: tuple[int, int], drawn: np.ndarray, samples
 class Scores:
     figures: dict                  # what metrics.json holds: quality, floor, per-city, novelty, ...
     images: np.ndarray             # the samples scored, uint8 N x H x W x 3 at the run's resolution
-    classes: np.ndarray            # each sample's class (its seed: config.seed + i)
+    classes: np.ndarray            # each sample's class (sample_plan gives its seed)
     nearest: dict = field(default_factory=dict)   # space -> (similarity, photo id) of each sample's nearest train photo
     holdout_similarity: dict = field(default_factory=dict)   # space -> the held-out photos' (the calibration)
     sheet: Image.Image | None = None    # config.gated: the sheet of the set as drawn, as served and rejected

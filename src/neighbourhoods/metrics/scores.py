@@ -21,7 +21,7 @@ import numpy as np
 from neighbourhoods.core.errors import NeighbourhoodsError
 
 
-def _as_features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
+def as_features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise NeighbourhoodsError(f"{name} features must be N x D, got shape {x.shape}")
@@ -33,7 +33,7 @@ def _as_features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
 
 
 def _check_pair(real: np.ndarray, gen: np.ndarray, min_rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    real, gen = _as_features(real, "real", min_rows), _as_features(gen, "generated", min_rows)
+    real, gen = as_features(real, "real", min_rows), as_features(gen, "generated", min_rows)
     if real.shape[1] != gen.shape[1]:
         raise NeighbourhoodsError(f"feature dimensions differ: real {real.shape[1]}, generated {gen.shape[1]}")
     return real, gen
@@ -154,7 +154,7 @@ def realism_radii(real: np.ndarray, k: int = 3) -> np.ndarray:
     Kynkaanniemi et al. (2019) score a sample only against the real points whose k-NN ball is
     at most the median: the widest balls sit in sparse, outlying regions, and one of them would
     make almost anything look real."""
-    radii = np.sqrt(_knn_radii(_as_features(real, "real features", min_rows=k + 1), k))
+    radii = np.sqrt(_knn_radii(as_features(real, "real features", min_rows=k + 1), k))
     return np.where(radii <= np.median(radii), radii, 0.0)
 
 
@@ -163,16 +163,24 @@ def realism(real: np.ndarray, radii: np.ndarray, gen: np.ndarray, batch: int = 1
     max over real points of radius / distance, with `radii` from realism_radii. Above 1: inside
     some real photo's k-NN ball (precision counts it); the higher, the deeper among real photos."""
     real, gen = _check_pair(real, gen, min_rows=1)
+    return realism_checked(real, (real * real).sum(1), radii, gen, batch)
+
+
+def realism_checked(real: np.ndarray, real_sq: np.ndarray, radii: np.ndarray, gen: np.ndarray,
+                    batch: int = 1024) -> np.ndarray:
+    """`realism` on features already checked (float64, finite, same width), with each real row's
+    squared norm `real_sq`: for a reference set that is scored against many times (the gate)."""
     out = np.empty(len(gen))
     for start in range(0, len(gen), batch):
-        d = np.sqrt(_squared_distances(gen[start:start + batch], real))
+        a = gen[start:start + batch]
+        d = np.sqrt(np.clip((a * a).sum(1)[:, None] + real_sq[None, :] - 2.0 * (a @ real.T), 0.0, None))
         out[start:start + batch] = (radii[None, :] / np.maximum(d, 1e-12)).max(axis=1)
     return out
 
 
 def mean_pairwise_distance(x: np.ndarray) -> float:
     """Mean Euclidean distance between distinct rows of `x` (N x D, N >= 2)."""
-    x = _as_features(x, "features")
+    x = as_features(x, "features")
     d2 = _squared_distances(x, x)
     n = len(x)
     return float(np.sqrt(np.maximum(d2, 0.0))[~np.eye(n, dtype=bool)].mean())
@@ -195,7 +203,7 @@ def _pair_cosines(x: np.ndarray) -> np.ndarray:
 def near_duplicate_threshold(real: np.ndarray, percentile: float = 99.0) -> float:
     """The cosine similarity above which two images of one city count as one house: the
     `percentile` of the similarities of the city's own real photos taken in pairs."""
-    return float(np.percentile(_pair_cosines(_as_features(real, "real")), percentile))
+    return float(np.percentile(_pair_cosines(as_features(real, "real")), percentile))
 
 
 def near_duplicate_share(real: np.ndarray, gen: np.ndarray, percentile: float = 99.0) -> float:

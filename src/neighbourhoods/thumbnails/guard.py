@@ -213,12 +213,17 @@ def render_listings(source: Source, match: CityMatch, seeds: list[int], guard: G
     depends only on (city, seed) and the weights: its block is filled in seed order first."""
     if guard is None or guard.distinct is None:
         return render_samples(source, [match.class_index] * len(seeds), [match.seed(s) for s in seeds], guard)
+    # each block is filled at once to the last seed asked of it, so a batch of listings is drawn
+    # in batches (the samples are the same whatever the order of asking: seed order within a block)
+    last: dict[int, int] = {}
+    for seed in seeds:
+        last[seed // BLOCK] = max(seed, last.get(seed // BLOCK, seed))
     out = []
     for seed in seeds:
         ledger = ledgers.get(match.city, seed)
         with ledger.lock:
             if ledger.next_seed <= seed:
-                fill_ledger(source, match, ledger, seed, guard)
+                fill_ledger(source, match, ledger, last[seed // BLOCK], guard)
             sample = ledger.samples[seed - ledger.start]
         if isinstance(sample, NoNovelSample):
             raise sample

@@ -14,11 +14,12 @@ NumPy only: the ONNX replica (no torch) gates with the same code and the same nu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from neighbourhoods.metrics.scores import realism, realism_radii
+from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.metrics.scores import as_features, realism, realism_checked, realism_radii
 
 QUANTILE = 0.2        # the share of real held-out photos the gate would turn away
 MIN_PHOTOS = 50       # a city's own training photos needed to be its own reference (else: all photos)
@@ -35,14 +36,32 @@ class Realism:
     thresholds: np.ndarray       # per class: the `quantile` of its held-out photos' realism
     own: np.ndarray              # per class: True when compared with its own photos, False: all photos
     quantile: float = QUANTILE
+    # the all-photos reference (float64, checked, squared norms), made at its first use: most
+    # cities of a large catalogue are pooled, and a copy per call cost more than the distances
+    _everyone: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+
+    def _reference(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        everyone = not self.own[c] and len(self.members[c]) == len(self.real)
+        if everyone and self._everyone is not None:
+            return self._everyone
+        real = as_features(self.real[self.members[c]], "real", min_rows=1)
+        reference = real, (real * real).sum(1)
+        if everyone:
+            self._everyone = reference
+        return reference
 
     def score(self, features: np.ndarray, classes: list[int] | np.ndarray) -> np.ndarray:
         """Realism of each feature row (unit, the guard's space) against its class's reference set."""
         classes = np.asarray(classes)
+        features = as_features(features, "generated", min_rows=1)
+        if features.shape[1] != self.real.shape[1]:
+            raise NeighbourhoodsError(f"feature dimensions differ: real {self.real.shape[1]}, "
+                                      f"generated {features.shape[1]}")
         out = np.empty(len(features))
         for c in np.unique(classes):
             rows = np.flatnonzero(classes == c)
-            out[rows] = realism(self.real[self.members[c]], self.radii[c], features[rows])
+            real, real_sq = self._reference(int(c))
+            out[rows] = realism_checked(real, real_sq, self.radii[c], features[rows])
         return out
 
     def passes(self, features: np.ndarray, classes: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
