@@ -12,7 +12,8 @@ installed) in its own process, so the measurement does not cost the server's int
 server: its p99 is mostly its own event loop).
   cached    requests cycle through `--distinct` URLs rendered once beforehand (what a CDN's
             origin sees for popular listings); target: zero errors, p99 < 250 ms
-  uncached  every request a new seed: generator + novelty guard + upscale + encode each time
+  uncached  every request a new listing (the next seed of a fresh block): generator, the guard's
+            gates (a rejected sample draws its next attempts), upscale and encode each time
 Bounded: fixed duration, fixed client count, and the server's own queue bound (503s count as
 errors; so do redirects: every URL is canonical). The server's peak RSS (VmHWM) and its CPU
 per request are recorded. Writes bench/results/serve.json.
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -39,6 +41,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+
+FRESH_SEED = 39_063 * 256   # 10,000,128: the start of a block of listings no earlier phase touched
 
 
 def _free_port() -> int:
@@ -177,12 +182,19 @@ def _peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 48, batch: int = 1) -> dict:
+def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 48, batch: int = 1,
+                     city: str | None = None) -> dict:
     """Where an uncached thumbnail's time goes, in this process, one thread: ms per image for the
-    generator and the novelty guard (called on `batch` samples at once, as the server's
-    micro-batches do), the upscaler and the encoder (median over `n` images)."""
+    generator and each part of the guard (its features, nearest training photo, realism gate,
+    perceptual hash; called on `batch` samples at once, as the server's micro-batches are), the
+    upscaler and the encoder (median over `n` images). Then the whole of it as a website meets it:
+    ms per listing for the first 64 listings of `city` (default: the run's first class) through the guard's every gate
+    (render_listings: a seed whose sample is rejected draws its next attempts), and the samples
+    drawn per listing."""
     from PIL import Image
 
+    from neighbourhoods.thumbnails.distinct import Ledgers, phash
+    from neighbourhoods.thumbnails.guard import render_listings
     from neighbourhoods.thumbnails.pipeline import is_replica, load_pipeline
     from neighbourhoods.thumbnails.postprocess import encode
 
@@ -191,26 +203,55 @@ def profile_uncached(ws, run: str, size: str, fmt: str, novelty: bool, n: int = 
         torch.set_num_threads(1)
     source, guard, upscaler = load_pipeline(ws, run, novelty=novelty, progress=False)
     w, h = (int(v) for v in size.split("x"))
-    parts: dict[str, list[float]] = {"generator": [], "guard": [], "upscale": [], "encode": []}
+    parts: dict[str, list[float]] = {k: [] for k in ("generator", "guard_features", "novelty", "realism", "phash",
+                                                     "upscale", "encode")}
     rounds = max(1, n // batch)
     for k in range(rounds + 2):
         seeds = [50_000_000 + k * batch + j for j in range(batch)]
-        t0 = time.perf_counter()
-        img = source.sample([s % len(source.class_names) for s in seeds], seeds)
-        t1 = time.perf_counter()
+        classes = [s % len(source.class_names) for s in seeds]
+        times = [time.perf_counter()]
+        img = source.sample(classes, seeds)
+        times.append(time.perf_counter())
         if guard is not None:
-            guard.similarity(img)
-        t2 = time.perf_counter()
+            features = guard.embed(img)
+            times.append(time.perf_counter())
+            guard.similarity(features)
+            times.append(time.perf_counter())
+            if guard.realism is not None:
+                guard.realism.passes(features, classes)
+            times.append(time.perf_counter())
+            [phash(im) for im in img]
+            times.append(time.perf_counter())
+        else:
+            times += [times[-1]] * 4
         big = upscaler.resize(Image.fromarray(img[0]), (w, h))
-        t3 = time.perf_counter()
+        times.append(time.perf_counter())
         encode(big, fmt)
-        t4 = time.perf_counter()
+        times.append(time.perf_counter())
         if k >= 2:   # warm-up
-            for key, dt in zip(parts, ((t1 - t0) / batch, (t2 - t1) / batch, t3 - t2, t4 - t3)):
+            steps = np.diff(times)
+            steps[:5] /= batch
+            for key, dt in zip(parts, steps):
                 parts[key].append(1000 * dt)
     out = {f"{key}_ms": round(float(np.median(v)), 2) for key, v in parts.items()}
     out["total_ms"] = round(sum(out.values()), 2)
-    out["batch"], out["upscale"], out["load_average_1min"] = batch, upscaler.name, os.getloadavg()[0]
+    out["batch"], out["upscale"], out["guard"] = batch, upscaler.name, None if guard is None else guard.label
+    if guard is not None:
+        city = city or source.class_names[0]
+        match = source.resolve(city)
+        drawn = []
+
+        def counted(classes, seeds):
+            drawn.append(len(seeds))
+            return source.sample(classes, seeds)
+
+        t = time.perf_counter()
+        listings = render_listings(replace(source, sample=counted), match, list(range(64)), guard, Ledgers())
+        out["listing"] = {"city": city, "listings": len(listings), "ms_per_listing":
+                          round(1000 * (time.perf_counter() - t) / len(listings), 1),
+                          "samples_per_listing": round(sum(drawn) / len(listings), 2),
+                          "served_at_first_seed": round(float(np.mean([s.used_seed == s.seed for s in listings])), 3)}
+    out["load_average_1min"] = os.getloadavg()[0]
     return out
 
 
@@ -228,6 +269,8 @@ def main() -> None:
                     help="the server's generator calls at once (default: serve's own)")
     ap.add_argument("--no-novelty-guard", action="store_true")
     ap.add_argument("--profile", action="store_true", help="first time one uncached thumbnail's parts in-process")
+    ap.add_argument("--profile-city", default=None, help="the city whose first 64 listings --profile draws "
+                    "through every gate (default: the run's first class)")
     ap.add_argument("--client", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
                     help="load generator (default wrk where installed: `apt install wrk`)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
@@ -242,8 +285,8 @@ def main() -> None:
         ws, run = _toy_run(Path(tmp.name))
     profile = None
     if args.profile:
-        profile = {f"batch_{b}": profile_uncached(ws, run, args.size, args.format, not args.no_novelty_guard, batch=b)
-                   for b in (1, 8)}
+        profile = {f"batch_{b}": profile_uncached(ws, run, args.size, args.format, not args.no_novelty_guard, batch=b,
+                                                  city=args.profile_city) for b in (1, 8)}
         print("profile ", json.dumps(profile), flush=True)
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -276,7 +319,9 @@ def main() -> None:
         def url(city: str, seed: int) -> str:    # the canonical spelling: no redirects in the measurement
             return canonical_path(Thumb(city, seed, args.size, args.format))
 
-        warm = [url(cities[k % len(cities)], k) for k in range(args.distinct)]
+        # a city's listings are kept distinct in blocks of 256 seeds, filled in seed order: the warm URLs
+        # and the uncached seeds each start a block or follow the one before, so a request draws one listing
+        warm = [url(cities[k % len(cities)], k // len(cities)) for k in range(args.distinct)]
         t0 = time.perf_counter()
         for u in warm:
             r = httpx.get(base + u, timeout=60)
@@ -287,13 +332,13 @@ def main() -> None:
             cached = _measured_sync(server, lambda: _phase_wrk(base, args.clients, args.duration, paths=warm))
             print("cached  ", json.dumps(cached), flush=True)
             uncached = _measured_sync(server, lambda: _phase_wrk(base, args.clients, args.duration,
-                                                                 prefix=head + "seed=", suffix=tail, seed0=10_000_000))
+                                                                 prefix=head + "seed=", suffix=tail, seed0=FRESH_SEED))
         else:
             cached = _measured(server, _phase(base, lambda k, i: warm[(k * 7919 + i) % len(warm)], args.clients,
                                               args.duration))
             print("cached  ", json.dumps(cached), flush=True)
             uncached = _measured(server, _phase(base, lambda k, i: url(cities[(k + i) % len(cities)],
-                                                                       10_000_000 + k * 1_000_000 + i),
+                                                                       FRESH_SEED + k * 1_000_192 + i),
                                                 args.clients, args.duration))
         print("uncached", json.dumps(uncached), flush=True)
         peak_rss = _peak_rss_mb(server.pid)

@@ -36,19 +36,17 @@ class Realism:
     thresholds: np.ndarray       # per class: the `quantile` of its held-out photos' realism
     own: np.ndarray              # per class: True when compared with its own photos, False: all photos
     quantile: float = QUANTILE
-    # the all-photos reference (float64, checked, squared norms), made at its first use: most
-    # cities of a large catalogue are pooled, and a copy per call cost more than the distances
-    _everyone: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    # each class's reference set (float64, checked, squared norms), made at its first use and kept:
+    # taking it from `real` (often a memory map) per call cost more than the distances. At most
+    # twice the features in float64 (every city's own photos, and all photos for the pooled ones).
+    _references: dict = field(default_factory=dict, init=False, repr=False)
 
     def _reference(self, c: int) -> tuple[np.ndarray, np.ndarray]:
-        everyone = not self.own[c] and len(self.members[c]) == len(self.real)
-        if everyone and self._everyone is not None:
-            return self._everyone
-        real = as_features(self.real[self.members[c]], "real", min_rows=1)
-        reference = real, (real * real).sum(1)
-        if everyone:
-            self._everyone = reference
-        return reference
+        key = "all" if not self.own[c] and len(self.members[c]) == len(self.real) else c
+        if key not in self._references:
+            real = as_features(self.real[self.members[c]], "real", min_rows=1)
+            self._references[key] = real, (real * real).sum(1)
+        return self._references[key]
 
     def score(self, features: np.ndarray, classes: list[int] | np.ndarray) -> np.ndarray:
         """Realism of each feature row (unit, the guard's space) against its class's reference set."""
