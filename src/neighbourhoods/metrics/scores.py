@@ -116,8 +116,10 @@ def kid(real: np.ndarray, gen: np.ndarray, subsets: int = 100, subset_size: int 
     return float(values.mean()), float(values.std())
 
 
-def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+def _squared_distances(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray | None = None) -> np.ndarray:
+    """Every pair's squared Euclidean distance; `b_sq`: b's squared row norms, where already known."""
+    b_sq = (b * b).sum(1) if b_sq is None else b_sq
+    sq = (a * a).sum(1)[:, None] + b_sq[None, :] - 2.0 * (a @ b.T)
     return np.clip(sq, 0.0, None)
 
 
@@ -172,8 +174,7 @@ def realism_checked(real: np.ndarray, real_sq: np.ndarray, radii: np.ndarray, ge
     squared norm `real_sq`: for a reference set that is scored against many times (the gate)."""
     out = np.empty(len(gen))
     for start in range(0, len(gen), batch):
-        a = gen[start:start + batch]
-        d = np.sqrt(np.clip((a * a).sum(1)[:, None] + real_sq[None, :] - 2.0 * (a @ real.T), 0.0, None))
+        d = np.sqrt(_squared_distances(gen[start:start + batch], real, real_sq))
         out[start:start + batch] = (radii[None, :] / np.maximum(d, 1e-12)).max(axis=1)
     return out
 
