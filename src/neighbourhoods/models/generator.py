@@ -187,9 +187,13 @@ class Generator(nn.Module):
                  max_channels: int = 256, min_channels: int = 16, cond_from: int = 0,
                  channels: list[int] | None = None, convs: list[int] | None = None, grown: bool = False,
                  grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1,
-                 noise: bool = True, layout_lock: bool = False):
+                 noise: bool = True, layout_lock: bool = False, z_skip: bool = False):
         super().__init__()
         self.z_dim = z_dim
+        # `z_skip`: every conditional BatchNorm also sees z beside the city (BigGAN's skip-z), so the
+        # latent reaches each level directly instead of only through the base map
+        self.z_skip = bool(z_skip)
+        cond_dim = embed_dim + (z_dim if z_skip else 0)
         # The first level (0 = the base map, k = after k upsampling blocks) the city reaches:
         # below it G is unconditional, so the house's layout comes from z alone and the city
         # styles it (the "weaker class signal early" ablation of docs/model.md). Levels below
@@ -214,10 +218,10 @@ class Generator(nn.Module):
         self.channels = ch
         self.embed = nn.Embedding(num_classes, embed_dim)
         self.fc = nn.Linear(z_dim + embed_dim, 2 * ch[0] * self.base[0] * self.base[1], bias=False)
-        self.fc_norm = ConditionalBatchNorm(2 * ch[0], embed_dim)
+        self.fc_norm = ConditionalBatchNorm(2 * ch[0], cond_dim)
         self.fc_norm_channels = 2 * ch[0]
         self.blocks = nn.ModuleList(
-            UpBlock(ch[i], ch[i + 1], embed_dim, convs=convs[i],
+            UpBlock(ch[i], ch[i + 1], cond_dim, convs=convs[i],
                     size=(self.base[0] * 2 ** (i + 1), self.base[1] * 2 ** (i + 1)), noise=noise)
             for i in range(levels))
         # SLE from level i to level i + 2 for the upper levels (FastGAN: 4->64, 8->128, 16->256).
@@ -254,6 +258,8 @@ class Generator(nn.Module):
         e0 = e if self.cond_from <= 0 else none
         # the channel count spelled out (not -1): an exported graph (ONNX) must know BatchNorm's width
         x = self.fc(torch.cat([z, e0], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
+        if self.z_skip:   # what each conditional BatchNorm reads: the city (or none), and z
+            e, none, e0 = (torch.cat([c, z.to(c.dtype)], dim=1) for c in (e, none, e0))
         x = F.glu(self.fc_norm(x, e0), dim=1)
         layout = None
         if self.layouts is not None:

@@ -81,7 +81,7 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
           g_min_channels: int = 16, d_head_width: int = 128, feature_min_side: int = 0, g_cond_from: int = 0,
           g_channels: list[int] | None = None, g_convs: list[int] | None = None, g_grown: bool = False,
           g_grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32, layout_level: int = 1,
-          g_noise: bool = True, feature_scale: int = 0, layout_lock: bool = False,
+          g_noise: bool = True, feature_scale: int = 0, layout_lock: bool = False, g_z_skip: bool = False,
           **removed) -> tuple[Generator, ProjectedDiscriminator]:
     """The default model's (G, D) for `num_classes` cities at `res` = (H, W); `layouts` > 0: G
     draws on layouts from a LayoutPrior of that many components in `layout_dim` dimensions, at
@@ -90,7 +90,7 @@ def build(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_max_channe
     G = build_generator(num_classes, res, z_dim=z_dim, g_max_channels=g_max_channels, g_min_channels=g_min_channels,
                         g_cond_from=g_cond_from, g_channels=g_channels, g_convs=g_convs, g_grown=g_grown,
                         g_grow_octaves=g_grow_octaves, layouts=layouts, layout_dim=layout_dim,
-                        layout_level=layout_level, g_noise=g_noise, layout_lock=layout_lock)
+                        layout_level=layout_level, g_noise=g_noise, layout_lock=layout_lock, g_z_skip=g_z_skip)
     D = ProjectedDiscriminator(num_classes, res, head_width=d_head_width, feature_min_side=feature_min_side,
                                feature_scale=feature_scale)
     return G, D
@@ -101,13 +101,13 @@ def build_generator(num_classes: int, res: tuple[int, int], z_dim: int = 128, g_
                     g_cond_from: int = 0, g_channels: list[int] | None = None, g_convs: list[int] | None = None,
                     g_grown: bool = False, g_grow_octaves: int = 0, layouts: int = 0, layout_dim: int = 32,
                     layout_level: int = 1, g_noise: bool = True, feature_scale: int = 0, layout_lock: bool = False,
-                    **removed) -> Generator:
+                    g_z_skip: bool = False, **removed) -> Generator:
     """G alone, for sampling: skips loading the feature network (D-only arguments are ignored)."""
     _check_removed(removed, ignore=("d_batchnorm", "feature_res", "d_mbstd"))
     return Generator(num_classes, res, z_dim=z_dim, max_channels=g_max_channels, min_channels=g_min_channels,
                      cond_from=g_cond_from, channels=g_channels, convs=g_convs, grown=g_grown,
                      grow_octaves=g_grow_octaves, layouts=layouts, layout_dim=layout_dim, layout_level=layout_level,
-                     noise=g_noise, layout_lock=layout_lock)
+                     noise=g_noise, layout_lock=layout_lock, z_skip=g_z_skip)
 
 
 # --- growing by an octave (train --grow-from; train/grow.py) --------------------------------------
