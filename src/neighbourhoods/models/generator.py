@@ -259,7 +259,8 @@ class Generator(nn.Module):
         # the channel count spelled out (not -1): an exported graph (ONNX) must know BatchNorm's width
         x = self.fc(torch.cat([z, e0], dim=1)).view(z.size(0), self.fc_norm_channels, *self.base)
         if self.z_skip:   # what each conditional BatchNorm reads: the city (or none), and z
-            e, none, e0 = (torch.cat([c, z.to(c.dtype)], dim=1) for c in (e, none, e0))
+            e, none = (torch.cat([c, z.to(c.dtype)], dim=1) for c in (e, none))
+            e0 = e if self.cond_from <= 0 else none
         x = F.glu(self.fc_norm(x, e0), dim=1)
         layout = None
         if self.layouts is not None:
