@@ -132,18 +132,25 @@ def test_the_replica_carries_the_workspaces_espcn_upscaler(served_run, tmp_path)
     assert up.name == "espcn" and up.fingerprint.startswith("onnx-espcn:")
 
 
-@pytest.mark.parametrize("res", [(48, 64), (64, 64), (96, 128), (192, 256)])
-def test_the_default_model_exports_to_onnx_exactly(tmp_path, res):
+@pytest.mark.parametrize("res, kwargs", [((48, 64), {}), ((64, 64), {}), ((96, 128), {}), ((192, 256), {}),
+                                         ((96, 128), {"cond_from": 1, "z_skip": True})])
+def test_the_default_model_exports_to_onnx_exactly(tmp_path, res, kwargs):
     """The projected generator (BatchNorm after a reshape, the noise maps, SLE) as ONNX, at every
-    website resolution (at 96x128 the 6 x 8 map's non-uniform SLE pooling once broke the export)."""
+    website resolution (at 96x128 the 6 x 8 map's non-uniform SLE pooling once broke the export),
+    and with skip-z (z concatenated into every conditional BatchNorm's input)."""
     import torch
 
     from neighbourhoods.export import _onnx, _wrapper
     from neighbourhoods.models import projected
+    from neighbourhoods.models.generator import ConditionalBatchNorm
     from neighbourhoods.thumbnails.replica import _session
 
     torch.manual_seed(0)
-    G = projected.Generator(num_classes=3, res=res, z_dim=16, embed_dim=8, max_channels=16, min_channels=8).eval()
+    G = projected.Generator(num_classes=3, res=res, z_dim=16, embed_dim=8, max_channels=16, min_channels=8,
+                            **kwargs).eval()
+    for norm in (m for m in G.modules() if isinstance(m, ConditionalBatchNorm)):
+        norm.gain.weight.data.normal_(0, 0.1)   # off their zero start, so the city (and z) reach every level
+        norm.bias.weight.data.normal_(0, 0.1)
     z = torch.from_numpy(latents([1, 2, 3], G.z_dim))
     labels = torch.tensor([0, 1, 2])
     _onnx(_wrapper(G), (z, labels), tmp_path / "g.onnx", ["z", "labels"], ["images"],
