@@ -56,9 +56,10 @@ CLASSES = 26   # socal's training classes at the default --min-city-photos
 
 def make_step(variant: str, res: tuple[int, int], batch: int):
     """A closure running one step of the training loop for `variant` on fixed random photos."""
-    kwargs = dict(models.recipe("projected").get("model_kwargs", {}))
+    kwargs = models.recipe_kwargs("projected", res)
     if variant in ("grown", "grown-native"):
-        small = {**kwargs, "g_grow_octaves": 1} if variant == "grown-native" else kwargs
+        small = models.recipe_kwargs("projected", (res[0] // 2, res[1] // 2))
+        small = {**small, "g_grow_octaves": 1} if variant == "grown-native" else small
         kwargs = models.grown_kwargs("projected", (res[0] // 2, res[1] // 2), small)
     if variant == "for-growing":
         kwargs["g_grow_octaves"] = 1

@@ -26,7 +26,7 @@ TINY = TINY_MODELS["projected"]
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    return make_toy_workspace(tmp_path_factory.mktemp("grow"), res=((32, 32), (64, 64), (48, 64)))
+    return make_toy_workspace(tmp_path_factory.mktemp("grow"), res=((32, 32), (64, 64), (48, 64), (96, 128)))
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -99,6 +99,18 @@ def test_a_grown_run_trains_samples_and_says_what_it_grew(ws, small, capsys):
     assert config["layouts"] == 16 and kwargs["layouts"] == 16
     for key in ("layouts.means", "layouts.chol", "layouts.cdf", "layout_in.1.weight"):
         assert torch.equal(start[key], small_ema[key])
+
+
+def test_a_grown_run_keeps_its_sources_city_level_where_the_recipe_would_pick_another(ws):
+    """48x64 -> 96x128: the recipe gives a new 96x128 run the city at level 2, a run grown from
+    a 48x64 one (city at level 1) keeps level 1, its source's shape, without a clash."""
+    train(ws, tiny(run="small-48", res=(48, 64)))
+    from neighbourhoods.core.workspace import open_workspace
+    from neighbourhoods.train.config import resolve_run
+    _, cfg, _ = resolve_run(open_workspace(ws), tiny(run="grown-96", res=(96, 128), grow_from="small-48",
+                                                     model_kwargs={}))
+    assert cfg.model_kwargs["g_cond_from"] == 1 == models.recipe_kwargs("projected", (48, 64))["g_cond_from"]
+    assert models.recipe_kwargs("projected", (96, 128))["g_cond_from"] == 2
 
 
 def test_a_grown_run_keeps_its_sources_layouts(ws, small):

@@ -51,12 +51,27 @@ def test_resolutions_used_by_the_project_all_build():
         assert G(torch.randn(2, G.z_dim), torch.tensor([0, 1])).shape == (2, 3, *res)
 
 
+@pytest.mark.parametrize("res,level,size", [((64, 64), 1, (8, 8)), ((48, 64), 1, (6, 8)), ((96, 128), 2, (12, 16)),
+                                            ((192, 256), 3, (24, 32)), ((32, 32), 1, (8, 8))])
+def test_the_city_reaches_g_at_an_eighth_of_the_image_whatever_its_size(res, level, size):
+    """The recipe's g_cond_from is the level whose shorter side is 1/8 of the image's (at least
+    level 1, so the base map stays the latent's alone): one rule for 64x64 and the website's 96x128."""
+    assert projected.city_level(res) == level == projected.recipe_kwargs(res)["g_cond_from"]
+    G = projected.build_generator(2, res, **projected.recipe_kwargs(res)).eval()
+    seen = []
+    hook = G.blocks[level - 1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        G(torch.randn(1, G.z_dim), torch.tensor([0]))
+    hook.remove()
+    assert seen == [size] and G.cond_from == level
+
+
 def test_the_default_model_takes_a_training_step_at_the_gpu_size_192x256():
     # the recipe as a GPU would run it: G and D built at 192x256, one D and one G update
     from neighbourhoods.train.loss import GANLoss
 
     torch.manual_seed(0)
-    G, D = projected.build(num_classes=2, res=(192, 256), **projected.TRAIN_DEFAULTS["model_kwargs"])
+    G, D = projected.build(num_classes=2, res=(192, 256), **projected.recipe_kwargs((192, 256)))
     loss = GANLoss(G=G, G_train=G, D=D, D_train=D, kind=projected.LOSS, augment=projected.AUGMENT_POLICY,
                    mode_seeking=0.5, layout_weight=1.0)
     z, labels = torch.randn(2, G.z_dim), torch.tensor([0, 1])

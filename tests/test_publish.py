@@ -34,9 +34,14 @@ def test_every_city_of_the_data_is_published_with_files_that_passed_every_gate(p
     assert "<img" in (out / "index.html").read_text()
 
 
-def test_a_second_run_keeps_what_was_published_and_adds_to_it(published):
+def test_a_second_run_keeps_what_was_published_and_adds_to_it(published, monkeypatch):
     ws, run, out, first = published
     before = {f["file"]: (out / f["file"]).stat().st_mtime_ns for e in first["cities"].values() for f in e["files"]}
+    # the toy run draws nearly one picture per city, so whether a third distinct house exists among
+    # its first 24 seeds depends on the machine's arithmetic; here every further seed counts as a new
+    # house, so what is checked is the increment itself
+    from neighbourhoods.thumbnails import distinct
+    monkeypatch.setattr(distinct.Distinct, "duplicate", lambda self, feature, hash_, ledger, cls: (False, -1.0))
     second = publish(ws, run, out, PublishConfig(n=3, size=(40, 30), realism_quantile=0), progress=False)
     after = {f["file"] for e in second["cities"].values() for f in e["files"]}
     assert set(before) <= after and len(after) > len(before)

@@ -20,6 +20,7 @@ from toy_run import make_toy_workspace
 from neighbourhoods import train as train_mod
 from neighbourhoods.cli import main
 from neighbourhoods.core.errors import NeighbourhoodsError
+from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.core.workspace import open_workspace
 from neighbourhoods.models import runs
 from neighbourhoods.train import TrainConfig, train
@@ -621,6 +622,10 @@ def test_a_new_run_writes_the_recipes_builder_arguments_and_an_old_run_keeps_its
     from neighbourhoods.train.config import resolve_run
     _, cfg, _ = resolve_run(open_workspace(toy_ws), TrainConfig(model="projected", run="recipe", kimg=1))
     assert cfg.model_kwargs == {"g_cond_from": 1, "feature_min_side": 96}
+    # the city's level follows the size (1/8 of the shorter side): 12x16 at the website's 96x128
+    _, cfg, _ = resolve_run(open_workspace(toy_ws), TrainConfig(model="projected", run="recipe", kimg=1,
+                                                                res=Resolution(96, 128)))
+    assert cfg.model_kwargs == {"g_cond_from": 2, "feature_min_side": 96}
 
 
 def test_default_model_trains_with_mode_seeking_and_dcgan_without(toy_ws):

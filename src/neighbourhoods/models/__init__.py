@@ -2,6 +2,7 @@
 
     build(model_name, num_classes, res, **kwargs) -> (G, D)
     recipe(model_name)  -> the model's training defaults (lr, betas, EMA, augmentation, ...)
+    recipe_kwargs(model_name, res) -> the builder arguments its recipe gives a new run at res
 
 Contract (see also notes in runs.py): G is an nn.Module with attribute `z_dim` and
 forward(z: N x z_dim, labels: N long) -> N x 3 x H x W in [-1, 1]; D has
@@ -12,6 +13,8 @@ A model module may define, beside `build`:
     LOSS = "hinge"                      the adversarial loss it trains with (hinge or bce)
     AUGMENT_POLICY = "color,..."        DiffAugment applied to real and fake images before D
     TRAIN_DEFAULTS = {"lr_g": ..., ...} any TrainConfig field left at None takes this value
+    recipe_kwargs(res) -> kwargs        builder arguments for a new run at res (default: TRAIN_DEFAULTS'
+                                        model_kwargs), for those that depend on the resolution
     build_generator(num_classes, res, **kwargs) -> G   cheaper than build() for sampling
     LAYOUTS = True                      build takes layouts=K, layout_dim=d; G holds a LayoutPrior
                                         (G.layouts) and G(z, labels, layouts=N x 3 x h x w)
@@ -69,6 +72,14 @@ def recipe(model_name: str) -> dict:
            "augment": getattr(module, "AUGMENT_POLICY", "")}
     out.update(getattr(module, "TRAIN_DEFAULTS", {}))
     return out
+
+
+def recipe_kwargs(model_name: str, res) -> dict:
+    """The builder arguments the model's recipe gives a new run at `res` (some depend on it)."""
+    module = _module(model_name)
+    if hasattr(module, "recipe_kwargs"):
+        return dict(module.recipe_kwargs(tuple(check_res(res, model_name))))
+    return dict(getattr(module, "TRAIN_DEFAULTS", {}).get("model_kwargs", {}))
 
 
 def check_res(res, model_name: str | None = None) -> Resolution:

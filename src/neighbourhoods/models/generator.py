@@ -2,10 +2,11 @@
 
 A FastGAN-like slim G sized for a CPU: a linear map of (z, city) to a small base map, then
 2x upsampling blocks (conv, per-pixel noise, conditional BatchNorm, GLU), skip-layer excitation
-from two levels down, and an RGB head. The city reaches G only from its first upsampling block
-on (`cond_from` 1 in the recipe): z lays the house out, the city styles it. Every sample is
-drawn on a coarse layout from a `LayoutPrior` fitted to the training photos (train/layouts.py),
-which G sees at every level and paints a residual on. docs/model.md says why each part is there.
+from two levels down, and an RGB head. The city reaches G only from level `cond_from` on (the
+recipe's: 1/8 of the image's shorter side, projected.city_level): z lays the house out, the city
+styles it. Every sample is drawn on a coarse layout from a `LayoutPrior` fitted to the training
+photos (train/layouts.py), which G sees at every level and paints a residual on. docs/model.md
+says why each part is there.
 """
 
 from __future__ import annotations

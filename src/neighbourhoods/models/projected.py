@@ -5,7 +5,8 @@ Sauer et al., "Projected GANs Converge Faster" (NeurIPS 2021), made conditional 
 - Generator (generator.py): FastGAN-style (Liu et al., ICLR 2021). Nearest-upsample + conv +
   BN + GLU blocks from a 3x4 or 4x4 base, noise injection, and skip-layer excitation. The city
   enters through a class embedding and class-conditional BatchNorm gains/biases (BigGAN), from
-  G's first upsampling block on (`g_cond_from` 1): z lays the house out, the city styles it.
+  the level at 1/8 of the image's shorter side on (`g_cond_from`, `city_level`: 8x8 at 64x64,
+  12x16 at 96x128): z lays the house out, the city styles it.
   Every sample is drawn on a coarse layout from a Gaussian mixture fitted to the training
   photos' layouts (`layouts`, LayoutPrior, train/layouts.py), with each city's own weights.
 - Discriminator (discriminator.py): frozen ImageNet EfficientNet-Lite0 features at four scales,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from neighbourhoods.core.resolution import Resolution
 from neighbourhoods.models.discriminator import ProjectedDiscriminator
 from neighbourhoods.models.generator import MAX_BASE_SIDE, MIN_LEVELS, Generator  # noqa: F401 (the registry reads them)
 
@@ -46,10 +48,9 @@ TRAIN_DEFAULTS = {
     "ema_kimg": 10.0,        # with train's ema_rampup 0.05 the EMA is short early, long later
     "mirror": True,          # house fronts read the same mirrored: twice the data for free
     "mode_seeking": 0.5,     # MSGAN term on structure: without it every seed of a city drew the same house
-    # g_cond_from 1: no city in G's base map (z lays the house out, the city styles it);
     # feature_min_side 96: D's feature net sees a 64 px image at 128 px (KID 0.024 against 0.056 at
-    # 64 px, docs/model.md), 48x64 at 96x128, 96x128 and up as they are
-    "model_kwargs": {"g_cond_from": 1, "feature_min_side": 96},
+    # 64 px, docs/model.md), 48x64 at 96x128, 96x128 and up as they are; g_cond_from: recipe_kwargs
+    "model_kwargs": {"feature_min_side": 96},
     # every sample drawn on a layout from a 16-component mixture of the photos' 8x8 layouts: the grid is
     # no longer one house per city; KID and recall tie, precision and per-city KID gain (docs/model.md)
     "layouts": 16,
@@ -57,6 +58,27 @@ TRAIN_DEFAULTS = {
 }
 
 LAYOUTS = True   # G can draw on layouts from a LayoutPrior (build's layouts=K)
+
+# The city reaches G from the level whose shorter side is this fraction of the image's on (8x8 at
+# 64x64, 12x16 at 96x128, 24x32 at 192x256): below it z alone lays the house out, from it the city
+# styles it. Counted from the base instead (level 1 everywhere), the city entered at 6x8 at 96x128,
+# an octave coarser than at 64x64, and each city's seeds drew one house (docs/experiments.md).
+CITY_FROM = 1 / 8
+
+
+def city_level(res: tuple[int, int]) -> int:
+    """G's first level with the city (`g_cond_from`) at `res`: CITY_FROM of the shorter side, at least 1."""
+    levels, base = Resolution(*res).up_levels(MIN_LEVELS, MAX_BASE_SIDE)
+    short, base_short = min(res), min(base.h, base.w)
+    level = 1
+    while level < levels and base_short * 2 ** level < short * CITY_FROM:
+        level += 1
+    return level
+
+
+def recipe_kwargs(res: tuple[int, int]) -> dict:
+    """The builder arguments the recipe gives a new run at `res`: TRAIN_DEFAULTS' and the city's level."""
+    return {"g_cond_from": city_level(res), **TRAIN_DEFAULTS["model_kwargs"]}
 
 
 # Builder arguments of ablations that lost (docs/experiments.md), at the value every run written

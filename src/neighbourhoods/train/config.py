@@ -251,10 +251,12 @@ def resolve_run(ws: Workspace, config: TrainConfig) -> tuple[Path, TrainConfig, 
                                       "or --run NEW_NAME to start another")
         # a new run takes the recipe's builder arguments under the caller's, written out in full with
         # the run: a later change of the recipe never changes how an existing run's weights are read
-        kwargs = {**models.recipe(config.model).get("model_kwargs", {}), **(config.model_kwargs or {})}
-        if config.grow_from:   # G's shape comes from the run it grows (train/grow.py)
-            from neighbourhoods.train.grow import grown_model_kwargs
-            res = models.check_res(config.res, config.model)
+        res = models.check_res(config.res, config.model)
+        recipe = models.recipe_kwargs(config.model, res)
+        kwargs = {**recipe, **(config.model_kwargs or {})}
+        if config.grow_from:   # G's shape comes from the run it grows (train/grow.py), not the recipe's
+            from neighbourhoods.train.grow import G_SHAPE_KEYS, grown_model_kwargs
+            kwargs = {k: v for k, v in recipe.items() if k not in G_SHAPE_KEYS} | (config.model_kwargs or {})
             kwargs = grown_model_kwargs(ws, config.model, res, config.grow_from, kwargs)
             # ...and so do its layouts: the source's prior, fitted once, grows with it
             source = int(kwargs.get("layouts", 0))
