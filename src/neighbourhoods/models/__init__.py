@@ -79,7 +79,7 @@ def recipe_kwargs(model_name: str, res) -> dict:
     module = _module(model_name)
     if hasattr(module, "recipe_kwargs"):
         return dict(module.recipe_kwargs(tuple(check_res(res, model_name))))
-    return dict(getattr(module, "TRAIN_DEFAULTS", {}).get("model_kwargs", {}))
+    return dict(recipe(model_name).get("model_kwargs", {}))
 
 
 def check_res(res, model_name: str | None = None) -> Resolution:
